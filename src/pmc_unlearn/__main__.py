@@ -1,0 +1,3 @@
+from pmc_unlearn.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Command-line entry point: `pmc-unlearn <command> ...`.
+
+Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
+they are imported lazily so `pmc-unlearn --help` stays fast. Bad input (`UserError`) becomes a
+one-line message on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# Must be set before torch is imported: OpenMP spin-waiting slows small ops badly when a core is busy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pmc_unlearn.errors import UserError  # noqa: E402
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "unlearn": ("pmc_unlearn.commands.unlearn", "unlearn a forget set (PMC or a baseline)"),
+    "finetune": ("pmc_unlearn.commands.finetune", "fine-tune a model on QA data (TOFU target/retain models)"),
+    "eval": ("pmc_unlearn.evaluation.cli", "evaluate a model on TOFU (both metric families)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pmc-unlearn", description="Make language models forget: PMC and baselines.")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (mod, help_) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(_module=mod)
+        try:
+            importlib.import_module(mod).add_arguments(sp)
+        except ModuleNotFoundError as e:
+            if not (e.name and mod.startswith(e.name)):
+                raise
+            sp.set_defaults(_missing=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not args.command:
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", False):
+        print(f"pmc-unlearn: command '{args.command}' is not available in this build", file=sys.stderr)
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UserError as e:
+        print(f"pmc-unlearn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pmc-unlearn {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130

@@ -1,0 +1,185 @@
+"""Loading question/answer data from the places users keep it.
+
+A *source* is one string:
+- `tofu:<split>`: the TOFU splits bundled with the package (no download), e.g. `tofu:forget01`,
+  `tofu:retain99`, `tofu:forget01_perturbed`, `tofu:real_authors`, `tofu:idontknow`.
+- a local file: `.json` (a JSON array, an object with a list under "data", or the "chunked"
+  layout of several arrays one per line), `.jsonl`, `.csv`, `.parquet`.
+- anything else is taken as a Hugging Face hub dataset name (needs network and `datasets`);
+  `locuslab/TOFU` with a config (`locuslab/TOFU:forget01`) maps to the bundled copy.
+
+Rows come back as plain dicts with the columns renamed to `question` and `answer`. A forget set
+may hold questions only (PMC never needs the answers); `require_answers=True` asks for them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pmc_unlearn.errors import UserError
+
+Row = dict[str, Any]
+
+TOFU_SPLITS = (
+    "full", "retain90", "retain95", "retain99",
+    "forget01", "forget05", "forget10",
+    "forget01_perturbed", "forget05_perturbed", "forget10_perturbed",
+    "retain_perturbed", "real_authors", "real_authors_perturbed",
+    "world_facts", "world_facts_perturbed",
+    "holdout01", "holdout05", "holdout10", "idontknow",
+)
+TOFU_HUB_NAME = "locuslab/TOFU"
+# forgetXX.json names its columns prompt/response; every other TOFU file uses question/answer.
+_TOFU_ALIASES = {"prompt": "question", "response": "answer"}
+AUTHOR_SIZE = 20  # TOFU: 20 consecutive rows per fictitious author
+
+
+def tofu_dir() -> Path:
+    """Folder of the bundled TOFU files (MIT licence, see LICENSE there)."""
+    return Path(str(resources.files("pmc_unlearn") / "assets" / "tofu"))
+
+
+def read_records(path: Path) -> list[Row]:
+    """Read a local data file into a list of dicts; the format follows the suffix."""
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".jsonl":
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); fix the line or the file") from e
+        return rows
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise UserError(f"{path}: unknown data format '{suffix}'; use .json, .jsonl, .csv or .parquet")
+
+
+def _read_json(path: Path) -> list[Row]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        # The "chunked" layout (Dataset.to_json in batches): one JSON array per line.
+        rows: list[Row] = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                part = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+            rows.extend(part if isinstance(part, list) else [part])
+        return rows
+    if isinstance(obj, dict):
+        for key in ("data", "rows", "train"):
+            if isinstance(obj.get(key), list):
+                return obj[key]
+        raise UserError(f"{path}: a JSON object must hold the rows as a list under 'data'")
+    if not isinstance(obj, list):
+        raise UserError(f"{path}: expected a JSON array of rows")
+    return obj
+
+
+def _tofu_rows(split: str) -> list[Row]:
+    if split not in TOFU_SPLITS:
+        raise UserError(f"tofu:{split}: unknown TOFU split; choose one of: {', '.join(TOFU_SPLITS)}")
+    if split == "idontknow":
+        lines = (tofu_dir() / "idontknow.jsonl").read_text(encoding="utf-8").splitlines()
+        return [{"answer": ln.strip()} for ln in lines if ln.strip()]
+    rows = _read_json(tofu_dir() / f"{split}.json")
+    return [{_TOFU_ALIASES.get(k, k): v for k, v in r.items()} for r in rows]
+
+
+def _hub_rows(name: str) -> list[Row]:
+    repo, _, config = name.partition(":")
+    if repo == TOFU_HUB_NAME:
+        return _tofu_rows(config or "full")
+    try:
+        import datasets  # optional
+    except ImportError as e:
+        raise UserError(
+            f"{name}: not a local file, not tofu:<split>; loading hub datasets needs "
+            "`pip install pmc-unlearn[hub]` and network access"
+        ) from e
+    try:
+        ds = datasets.load_dataset(repo, config or None, split="train")
+    except Exception as e:  # network, missing dataset: the message says which
+        raise UserError(f"{name}: could not load from the hub ({e}); pass a local file instead") from e
+    return [dict(r) for r in ds]
+
+
+def load_rows(source: str) -> list[Row]:
+    """Raw rows of a source, columns as stored."""
+    if source.startswith("tofu:"):
+        return _tofu_rows(source.split(":", 1)[1])
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_dir():
+            raise UserError(f"{source}: is a folder; pass a .json, .jsonl, .csv or .parquet file")
+        return read_records(path)
+    if path.suffix.lower() in (".json", ".jsonl", ".csv", ".parquet") or "/" not in source and "." in source:
+        raise UserError(f"{source}: file not found; check the path (or use tofu:<split> for bundled TOFU)")
+    return _hub_rows(source)
+
+
+def load_qa(
+    source: str,
+    question_key: str = "question",
+    answer_key: str = "answer",
+    require_answers: bool = True,
+    role: str = "data",
+) -> list[Row]:
+    """Rows with `question` (and `answer`) renamed from the configured columns; other columns kept."""
+    rows = load_rows(source)
+    if not rows:
+        raise UserError(f"{role} source {source} is empty; point it at a file with at least one row")
+    first = rows[0]
+    qk = question_key if question_key in first else next((a for a, b in _TOFU_ALIASES.items() if b == question_key and a in first), question_key)
+    if qk not in first:
+        raise UserError(
+            f"{role} source {source} has no column '{question_key}' (columns: {', '.join(map(str, first))}); "
+            f"rename it or set data.question_key"
+        )
+    ak = answer_key if answer_key in first else next((a for a, b in _TOFU_ALIASES.items() if b == answer_key and a in first), answer_key)
+    has_answers = ak in first
+    if require_answers and not has_answers:
+        raise UserError(
+            f"{role} source {source} has no column '{answer_key}' (columns: {', '.join(map(str, first))}); "
+            f"rename it or set data.answer_key"
+        )
+    out = []
+    for i, r in enumerate(rows):
+        q = r.get(qk)
+        if not isinstance(q, str) or not q.strip():
+            raise UserError(f"{role} source {source}: row {i} has an empty or missing question")
+        new = {k: v for k, v in r.items() if k not in (qk, ak)}
+        new["question"] = q
+        if has_answers:
+            a = r.get(ak)
+            if require_answers and (not isinstance(a, str) or not a.strip()):
+                raise UserError(f"{role} source {source}: row {i} has an empty or missing answer")
+            new["answer"] = a
+        out.append(new)
+    return out
+
+
+def overlap_report(forget: list[Row], retain: list[Row]) -> tuple[int, int]:
+    """(duplicate questions within forget, forget questions also present in retain)."""
+    fq = [r["question"].strip() for r in forget]
+    rq = {r["question"].strip() for r in retain}
+    dup = len(fq) - len(set(fq))
+    return dup, sum(1 for q in set(fq) if q in rq)
