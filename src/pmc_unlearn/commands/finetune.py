@@ -1,0 +1,28 @@
+"""`pmc-unlearn finetune`: the TOFU protocol's first step, on the same loop as unlearning.
+
+The *target* model is the base model fine-tuned on `tofu:full` (or a subset); the *retain*
+model is the same recipe on the retain split only. Defaults follow TOFU's recipe: 5 epochs,
+warm-up 1 epoch, lr 1e-5 (2e-5 for Phi-1.5; a 135M model needs more: see train.lr), weight
+decay 0.01, effective batch 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pmc_unlearn.commands.unlearn import add_common, execute, print_help_config, resolve
+
+FINETUNE_DEFAULTS = {
+    "train": {"epochs": 5.0, "warmup_epochs": 1.0, "lr": 1e-5, "weight_decay": 0.01, "batch_size": 8, "grad_accum": 4},
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p, "--data", "training data: tofu:full, tofu:retain90, a local file, or a hub dataset")
+
+
+def run(args) -> int:
+    if args.help_config:
+        return print_help_config("sft")
+    cfg = resolve(args, "sft", primary_key="forget", defaults=FINETUNE_DEFAULTS)
+    return execute(args, cfg)

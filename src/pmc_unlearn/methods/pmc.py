@@ -1,0 +1,173 @@
+"""Partial Model Collapse (Scholten et al., ICLR 2026).
+
+The model is trained on its own answers to the forget questions, keeping the sample least like
+what it said before; a retain loss anchors everything else. The forget set's ground-truth
+answers are never read: only the questions.
+
+Algorithm, per run:
+0. Reference answers: before any update, answer every forget question greedily; y_q is the
+   model's own output (not the dataset's answer).
+Per micro-batch of forget questions:
+1. Resample: for each question whose best stored score is above 0 (or that has none), draw n
+   answers from the current weights (temperature T, top_p).
+2. Score: ROUGE-L recall of each sample against y_q (+ optional short-answer penalty).
+3. Select: the lowest score (argmin), or Bradley-Terry with temperature tau.
+4. Remember: the pick replaces the stored answer only if it scores no higher; a question at
+   score 0 is resolved and its stored answer is reused without sampling.
+5. Loss: token-mean NLL of the stored answers given their questions + lambda x token-mean NLL
+   of one random ground-truth retain pair per forget question. No reward weighting.
+6. The loop steps the optimizer every grad_accum micro-batches; the next micro-batch samples
+   from the updated weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from pmc_unlearn.config import opt
+from pmc_unlearn.errors import UserError
+from pmc_unlearn.formatting import Example, collate_train, encode_pair, fit_length, prompt_ids
+from pmc_unlearn.methods.base import Method, Prepared, RunContext, derive_seed, split_nll
+from pmc_unlearn.rewards import pmc_scores
+from pmc_unlearn.selection import Memory, is_unresolved, select_argmin, select_bradley_terry, update_memory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PMCConfig:
+    retain_weight: float = opt(1.5, "lambda: weight of the retain NLL (authors: 1.5 for Phi-1.5, 1.25 for Llama-3.2-3B)", min=0.0)
+    n_samples: int = opt(5, "samples per unresolved forget question (authors: 5 for Phi-1.5)", min=1)
+    temperature: float = opt(1.25, "sampling temperature (authors: 1.25 for Phi-1.5)", gt=0.0)
+    top_p: float = opt(0.95, "nucleus sampling top_p, in (0, 1]", gt=0.0, max=1.0)
+    top_k: int = opt(50, "top-k before top_p (0: off); 50 is transformers' generate default, which the authors' sampling ran with", min=0)
+    max_new_tokens: int = opt(128, "new-token limit for references and samples (also capped by data.max_length - prompt length)", min=1)
+    selection: str = opt("argmin", "argmin (the authors' choice) or bradley_terry", choices=("argmin", "bradley_terry"))
+    bt_temperature: float = opt(0.1, "Bradley-Terry temperature tau (selection=bradley_terry only)", gt=0.0)
+    min_len: int = opt(0, "words below which a sample's score gets + exp(-words) (0: off, the authors' default)", min=0)
+    resample: str = opt("micro_batch", "when to sample: every micro-batch (the authors') or once per epoch for all unresolved questions (bigger sampling batches)", choices=("micro_batch", "epoch"))
+    sample_batch_rows: int = opt(64, "rows (questions x samples) per generate call", min=1)
+
+
+class PMC(Method):
+    name = "pmc"
+    uses_primary_answers = False
+
+    def __init__(self, cfg: PMCConfig):
+        super().__init__(cfg)
+        self.references: list[str] | None = None
+        self.memory: dict[int, Memory] = {}
+        self._prompts: list[list[int]] = []
+
+    # ----- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "references": self.references,
+            "memory": {str(i): m.to_json() for i, m in self.memory.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.references = state.get("references")
+        self.memory = {int(i): Memory(**m) for i, m in state.get("memory", {}).items()}
+
+    # ----- steps -------------------------------------------------------------------------------
+    def setup(self, ctx: RunContext) -> None:
+        self._prompts = [prompt_ids(ctx.tokenizer, r["question"], ctx.fmt) for r in ctx.primary]
+        if self.references is not None:
+            if len(self.references) != len(ctx.primary):
+                raise UserError("resumed PMC state does not match the forget set (different question count)")
+            return
+        comps = self._draw(ctx, list(range(len(ctx.primary))), greedy=True, seed=derive_seed(ctx.cfg.train.seed, "ref"))
+        self.references = [c[0].text for c in comps]
+        empty = sum(1 for r in self.references if not r.strip())
+        cut = sum(c[0].truncated for c in comps) / max(1, len(comps))
+        log.info("PMC references: %d greedy answers, %.0f%% cut at the length limit, %d empty", len(comps), 100 * cut, empty)
+        if empty:
+            log.warning("%d forget questions have an empty reference answer: they score 0 at once and are never sampled", empty)
+        ctx.extras["reference_truncated_frac"] = cut
+
+    def _limit(self, ctx: RunContext, i: int) -> int:
+        return max(1, min(self.cfg.max_new_tokens, ctx.fmt.max_length - len(self._prompts[i])))
+
+    def _draw(self, ctx: RunContext, idx: list[int], greedy: bool, seed: int):
+        # One generate call per new-token limit keeps each question's cap exact.
+        by_limit: dict[int, list[int]] = {}
+        for i in idx:
+            by_limit.setdefault(self._limit(ctx, i), []).append(i)
+        out: dict[int, list] = {}
+        for lim, group in by_limit.items():
+            res = ctx.sampler.sample(
+                ctx.raw_model, [self._prompts[i] for i in group], 1 if greedy else self.cfg.n_samples,
+                temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k, max_new_tokens=lim,
+                seed=seed + lim, greedy=greedy,
+            )
+            out.update(zip(group, res))
+        return [out[i] for i in idx]
+
+    def on_epoch_start(self, ctx: RunContext, epoch: int) -> None:
+        if self.cfg.resample == "epoch":
+            mine = list(range(ctx.accelerator.process_index, len(ctx.primary), ctx.accelerator.num_processes))
+            ctx.extras["pmc_epoch_stats"] = self._refresh(ctx, mine, derive_seed(ctx.cfg.train.seed, "epoch", epoch))
+
+    def _refresh(self, ctx: RunContext, idx: list[int], seed: int) -> dict[str, float]:
+        """Sample, score and select for the unresolved questions among idx; sync memory across processes."""
+        todo = [i for i in idx if is_unresolved(self.memory.get(i))]
+        updates, rows = [], []
+        n_drawn = n_cut = 0
+        if todo:
+            comps = self._draw(ctx, todo, greedy=False, seed=seed)
+            rng = random.Random(seed)
+            for i, cands in zip(todo, comps):
+                scores = pmc_scores(self.references[i], [c.text for c in cands], self.cfg.min_len)
+                if self.cfg.selection == "argmin":
+                    k = select_argmin(scores)
+                else:
+                    k = select_bradley_terry(scores, self.cfg.bt_temperature, rng)
+                pick = Memory(cands[k].text, cands[k].ids, scores[k], ctx.step)
+                kept, replaced = update_memory(self.memory.get(i), pick)
+                updates.append((i, kept.to_json()))
+                n_drawn += len(cands)
+                n_cut += sum(c.truncated for c in cands)
+                for j, (c, s) in enumerate(zip(cands, scores)):
+                    rows.append({"step": ctx.step, "epoch": ctx.epoch, "index": i, "sample": j, "text": c.text,
+                                 "score": round(s, 6), "chosen": j == k, "kept": j == k and replaced,
+                                 "truncated": c.truncated, "tokens": len(c.ids)})
+        for i, m in ctx.gather(updates):
+            self.memory[i] = Memory(**m)
+        ctx.write_samples(ctx.gather(rows))
+        # Counts are this process's; the loop sums them over micro-batches and processes.
+        stats = {"sample/questions_sampled": float(len(todo)), "sample/samples": float(n_drawn)}
+        if n_drawn:
+            stats["sample/truncated_frac"] = n_cut / n_drawn
+        return stats
+
+    def prepare(self, ctx: RunContext, idx: list[int], ridx: list[int]) -> Prepared:
+        if self.cfg.resample == "micro_batch":
+            stats = self._refresh(ctx, idx, derive_seed(ctx.cfg.train.seed, "sample", ctx.epoch, ctx.micro, ctx.accelerator.process_index))
+        else:
+            stats = ctx.extras.pop("pmc_epoch_stats", {"sample/questions_sampled": 0.0, "sample/samples": 0.0})
+        forget_ex: list[Example] = [fit_length(self._prompts[i], self.memory[i].ids, ctx.fmt.max_length) for i in idx]
+        retain_ex = [encode_pair(ctx.tokenizer, ctx.retain[j]["question"], ctx.retain[j]["answer"], ctx.fmt) for j in ridx]
+        scores = np.array([self.memory[i].score for i in idx])
+        stats.update({
+            "sample/score_mean": float(scores.mean()),
+            "sample/score_min": float(scores.min()),
+            "sample/score_max": float(scores.max()),
+            "sample/unresolved": float(sum(is_unresolved(self.memory.get(i)) for i in range(len(ctx.primary)))),
+            "sample/answer_tokens_mean": float(np.mean([len(e.answer) for e in forget_ex])),
+        })
+        batch = collate_train(forget_ex + retain_ex, ctx.tokenizer.pad_token_id)
+        return Prepared(batch, len(forget_ex), stats, tokens=sum(len(e.answer) for e in forget_ex + retain_ex))
+
+    def loss(self, ctx: RunContext, model, prep: Prepared):
+        out = model(input_ids=prep.batch["input_ids"], attention_mask=prep.batch["attention_mask"])
+        collapse, retain = split_nll(out.logits, prep.batch["labels"], prep.n_primary)
+        loss = collapse if retain is None else collapse + self.cfg.retain_weight * retain
+        logs = {"train/collapse_nll": float(collapse.detach())}
+        if retain is not None:
+            logs["train/retain_nll"] = float(retain.detach())
+        return loss, logs

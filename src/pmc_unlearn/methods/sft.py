@@ -1,0 +1,30 @@
+"""Supervised fine-tuning (the TOFU target/retain models): token-mean NLL on (question, answer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pmc_unlearn.formatting import collate_train, encode_pair
+from pmc_unlearn.methods.base import Method, Prepared, RunContext, split_nll
+
+
+@dataclass
+class SFTConfig:
+    """SFT has no options of its own; train.* holds the recipe."""
+
+
+class SFT(Method):
+    name = "sft"
+    uses_retain = False
+
+    def prepare(self, ctx: RunContext, idx, ridx) -> Prepared:
+        ex = [encode_pair(ctx.tokenizer, ctx.primary[i]["question"], ctx.primary[i]["answer"], ctx.fmt) for i in idx]
+        batch = collate_train(ex, ctx.tokenizer.pad_token_id)
+        return Prepared(batch, len(ex), {"data/truncated_frac": sum(e.truncated for e in ex) / len(ex)},
+                        tokens=sum(len(e.answer) for e in ex))
+
+    def loss(self, ctx, model, prep):
+        out = model(input_ids=prep.batch["input_ids"], attention_mask=prep.batch["attention_mask"])
+        nll, _ = split_nll(out.logits, prep.batch["labels"], prep.n_primary)
+        return nll, {"train/nll": float(nll.detach())}
+

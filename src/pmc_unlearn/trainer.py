@@ -1,0 +1,346 @@
+"""The one training loop, shared by every method (PMC, the baselines, plain fine-tuning).
+
+Built on `accelerate`: the same code runs on one CPU, one GPU, or several processes (DDP, FSDP,
+DeepSpeed) configured by an accelerate config file and `accelerate launch`, with no change here.
+
+What the loop owns (methods never do these):
+- data order: epoch e visits the primary set in a permutation seeded by (seed, e); with W
+  processes the permutation is dealt into W equal shards (padded by wrapping), so every process
+  runs the same number of micro-batches and collective calls stay aligned;
+- one random retain pair per primary question, drawn from a generator seeded by (seed, e, j, rank);
+- gradient accumulation (optimizer steps never straddle an epoch), AdamW, linear warm-up then
+  linear decay, gradient clipping, bf16 autocast;
+- logging (log.jsonl, one line per optimizer step), checkpoints (atomic), resume, NaN guard.
+
+Because every random choice is derived from keys (seed, epoch, micro-batch, ...), a run resumed
+from a checkpoint takes exactly the path the uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pmc_unlearn import rundir
+from pmc_unlearn.config import RunConfig, dump_config
+from pmc_unlearn.data import load_qa, overlap_report
+from pmc_unlearn.errors import TrainingDiverged, UserError
+from pmc_unlearn.formatting import PromptFormat
+from pmc_unlearn.methods import METHODS
+from pmc_unlearn.methods.base import Method, RunContext, derive_seed
+from pmc_unlearn.models import apply_lora, fingerprint, load_model, save_model
+from pmc_unlearn.sampler import SAMPLERS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """How many micro-batches and optimizer steps a run takes; a pure function of sizes and config."""
+
+    n_primary: int
+    world: int
+    batch_size: int
+    grad_accum: int
+    epochs: float
+    max_steps: int
+    warmup_epochs: float
+
+    @property
+    def shard_len(self) -> int:
+        return math.ceil(self.n_primary / self.world)
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return math.ceil(self.shard_len / self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.micro_per_epoch / self.grad_accum)
+
+    def micro_schedule(self) -> list[tuple[int, int, bool]]:
+        """(epoch, micro index in epoch, steps the optimizer after it) for the whole run."""
+        total_micro = math.ceil(self.epochs * self.micro_per_epoch)
+        out, steps = [], 0
+        for m in range(total_micro):
+            e, j = divmod(m, self.micro_per_epoch)
+            last = (j + 1) % self.grad_accum == 0 or j == self.micro_per_epoch - 1 or m == total_micro - 1
+            out.append((e, j, last))
+            if last:
+                steps += 1
+                if 0 <= self.max_steps <= steps:
+                    break
+        return out
+
+    @property
+    def total_steps(self) -> int:
+        return sum(1 for *_, last in self.micro_schedule() if last)
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_epochs * self.steps_per_epoch)
+
+
+def shard_indices(n: int, seed: int, epoch: int, world: int, rank: int) -> list[int]:
+    """This process's share of epoch `epoch`'s permutation (all shards the same length)."""
+    perm = np.random.default_rng(derive_seed(seed, "order", epoch)).permutation(n).tolist()
+    length = math.ceil(n / world)
+    padded = (perm * (1 + (length * world) // max(1, n)))[: length * world]
+    return padded[rank::world]
+
+
+def linear_schedule(warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return step / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases and norm weights (the usual transformer recipe)."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def load_data(cfg: RunConfig, method: Method) -> tuple[list[dict], list[dict]]:
+    d = cfg.data
+    primary = load_qa(d.forget, d.question_key, d.answer_key, require_answers=method.uses_primary_answers, role="forget")
+    if not method.uses_primary_answers:
+        # The privacy promise: methods that need only the questions never hold the answers.
+        primary = [{"question": r["question"]} for r in primary]
+    if d.max_forget:
+        primary = primary[: d.max_forget]
+    retain: list[dict] = []
+    if method.uses_retain:
+        retain = load_qa(d.retain, d.question_key, d.answer_key, require_answers=True, role="retain")
+        dup, overlap = overlap_report(primary, retain)
+        if dup:
+            log.warning("forget set has %d duplicate questions", dup)
+        if overlap:
+            log.warning("%d forget questions also appear in the retain set: the retain loss will pull them back", overlap)
+    return primary, retain
+
+
+def make_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator()
+
+
+def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | None = None) -> dict[str, Any]:
+    """Run `cfg.method` on the shared loop, writing everything into `out`. Returns the final manifest."""
+    acc = make_accelerator()
+    main = acc.is_main_process
+    method: Method = METHODS[cfg.method](cfg.method_cfg)
+    primary, retain = load_data(cfg, method)  # validates data before anything is written
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    acc.wait_for_everyone()
+    manifest = rundir.Manifest.start(out / "manifest.json", cfg.train.seed, command or rundir.command_line(),
+                                     {"method": cfg.method, "processes": acc.num_processes}) if main else None
+    timer = manifest.phase if manifest else (lambda name: contextlib.nullcontext())
+
+    with timer("load_model"):
+        lm = load_model(cfg.model.name, cfg.model.dtype, seed=cfg.train.seed)
+        model, tok = lm.model, lm.tokenizer
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        if cfg.model.lora:
+            targets = cfg.model.lora_target_modules
+            model = apply_lora(model, cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout,
+                               targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+        model.train()
+
+    plan = Plan(len(primary), acc.num_processes, cfg.train.batch_size, cfg.train.grad_accum,
+                cfg.train.epochs, cfg.train.max_steps, cfg.train.warmup_epochs)
+    schedule = plan.micro_schedule()
+    total = plan.total_steps
+    if total == 0:
+        raise UserError("the run has no optimizer steps: raise train.epochs or train.max_steps")
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(plan.warmup_steps, total))
+    model, opt = acc.prepare(model, opt)
+
+    fmt = PromptFormat(cfg.data.use_chat_template, cfg.data.system_prompt, cfg.data.max_length)
+    samples_log = rundir.JsonlWriter(out / "samples.jsonl", enabled=main)
+    step_log = rundir.JsonlWriter(out / "log.jsonl", enabled=main)
+    use_bf16 = cfg.train.bf16 and acc.device.type in ("cpu", "cuda")
+    sampler = SAMPLERS["hf"](tok, batch_rows=getattr(cfg.method_cfg, "sample_batch_rows", 64), bf16=use_bf16)
+    ctx = RunContext(cfg, model, tok, fmt, primary, retain, acc, sampler, write_samples=samples_log.write)
+
+    step, micro_done = 0, 0
+    if resume:
+        ckpts = rundir.checkpoint_dirs(out)
+        if ckpts:
+            tensors, state = rundir.load_checkpoint(ckpts[-1])
+            missing = set(trainable_state(acc.unwrap_model(model))) - set(tensors["model"])
+            if missing:
+                raise UserError(f"--resume {out}: checkpoint does not match the model ({len(missing)} weights missing)")
+            with torch.no_grad():
+                for n, p in trainable_state(acc.unwrap_model(model)).items():
+                    p.copy_(tensors["model"][n])
+            opt.load_state_dict(tensors["optimizer"])
+            sched.load_state_dict(tensors["scheduler"])
+            _set_rng_state(tensors["rng"])
+            method.load_state_dict(state["method"])
+            step, micro_done = state["step"], state["micro_done"]
+            log.info("resumed from %s (step %d of %d)", ckpts[-1].name, step, total)
+            if manifest:
+                manifest.data["resumes"] += 1
+        else:
+            log.info("--resume: no checkpoint yet, starting from the beginning")
+        step_log.truncate_after("step", step)
+        samples_log.truncate_after("step", step - 1 if step else -1)
+
+    with timer("setup"):
+        method.setup(ctx)
+    if manifest:
+        manifest.data.update({"plan": {"forget_questions": len(primary), "retain_pairs": len(retain),
+                                        "micro_batches": len(schedule), "optimizer_steps": total,
+                                        "steps_per_epoch": plan.steps_per_epoch, "warmup_steps": plan.warmup_steps},
+                              "method_info": method.manifest_info()})
+        manifest.save()
+
+    def checkpoint() -> None:
+        if main:
+            rundir.save_checkpoint(
+                out, step,
+                {"model": trainable_state(acc.unwrap_model(model)), "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "rng": _rng_state()},
+                {"step": step, "micro_done": micro_done, "method": method.state_dict()},
+                cfg.train.keep_checkpoints,
+            )
+        acc.wait_for_everyone()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, desc=f"{cfg.method} steps", disable=not main, dynamic_ncols=True)
+    group: list[dict[str, float]] = []
+    group_len = 0
+    t_step = time.perf_counter()
+    tokens = 0
+    cur_epoch = -1
+    shard: list[int] = []
+    autocast = torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    with timer("train"):
+        for m, (epoch, j, last) in enumerate(schedule):
+            if m < micro_done:
+                continue
+            if epoch != cur_epoch:
+                cur_epoch = epoch
+                shard = shard_indices(len(primary), cfg.train.seed, epoch, acc.num_processes, acc.process_index)
+                ctx.epoch = epoch
+                method.on_epoch_start(ctx, epoch)
+            ctx.micro, ctx.step = j, step
+            idx = shard[j * plan.batch_size : (j + 1) * plan.batch_size]
+            rrng = np.random.default_rng(derive_seed(cfg.train.seed, "retain", epoch, j, acc.process_index))
+            ridx = rrng.integers(0, len(retain), len(idx)).tolist() if retain else []
+            if group_len == 0:  # size of this accumulation group: up to the next stepping micro-batch
+                group_len = next(k for k in range(m, len(schedule)) if schedule[k][2]) - m + 1
+            prep = method.prepare(ctx, idx, ridx)
+            sync = contextlib.nullcontext() if last else acc.no_sync(model)
+            with sync:
+                with autocast:
+                    loss, logs = method.loss(ctx, model, prep)
+                if not torch.isfinite(loss):
+                    bar.close()
+                    if manifest:
+                        manifest.finish("diverged", error=f"non-finite loss at step {step}")
+                    kept = rundir.checkpoint_dirs(out)
+                    raise TrainingDiverged(
+                        f"loss is {float(loss)} at step {step} (epoch {epoch}, micro-batch {j}); "
+                        f"{'last good checkpoint: ' + str(kept[-1]) if kept else 'no checkpoint was written yet'}; "
+                        "lower train.lr or check the data"
+                    )
+                acc.backward(loss / group_len)
+            tokens += prep.tokens
+            group.append({"train/loss": float(loss), **logs, **prep.stats})
+            micro_done = m + 1
+            if not last:
+                continue
+            if cfg.train.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                group[-1]["train/grad_norm"] = float(grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t_step
+            row = _merge_stats(ctx.gather([_merge_stats(group)]))
+            samples = row.pop("sample/samples_sum", 0.0)
+            row.update({"step": step, "epoch": round(epoch + (j + 1) / plan.micro_per_epoch, 4),
+                        "train/lr": sched.get_last_lr()[0], "time/step_s": round(dt, 3),
+                        "perf/samples_per_s": samples / dt if dt else 0.0,
+                        "perf/tokens_per_s": tokens * acc.num_processes / dt if dt else 0.0})
+            if step % cfg.train.log_every == 0 or step == total:
+                step_log.write(row)
+            bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in ("train/loss", "sample/score_mean", "sample/unresolved") if k in row})
+            bar.update(1)
+            group, group_len, tokens, t_step = [], 0, 0, time.perf_counter()
+            end_of_epoch = j == plan.micro_per_epoch - 1
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or (not cfg.train.save_every and end_of_epoch) or step == total:
+                with timer("checkpoint"):
+                    checkpoint()
+    bar.close()
+
+    with timer("save"):
+        if main:
+            save_model(acc.unwrap_model(model), tok, out / "model")
+    fps = ctx.gather([fingerprint(acc.unwrap_model(model))])
+    if manifest:
+        manifest.finish("completed", steps=step, model_fingerprint=fps[0], rank_fingerprints=fps)
+        return manifest.data
+    return {"rank_fingerprints": fps}
+
+
+def _merge_stats(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each key over micro-batches (or processes); sample counts are summed."""
+    out: dict[str, float] = {}
+    keys = {k for r in rows for k in r}
+    for k in sorted(keys):
+        vals = [r[k] for r in rows if k in r]
+        if k in ("sample/samples", "sample/samples_sum"):
+            out["sample/samples_sum"] = float(sum(vals))
+        elif k == "sample/questions_sampled":
+            out[k] = float(sum(vals))
+        elif k == "sample/score_min":
+            out[k] = float(min(vals))
+        elif k == "sample/score_max":
+            out[k] = float(max(vals))
+        elif k == "sample/unresolved":
+            out[k] = float(vals[-1])
+        else:
+            out[k] = float(np.mean(vals))
+    return out
