@@ -17,7 +17,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pmc_unlearn.errors import UserError  # noqa: E402
+from pmc_unlearn.errors import TrainingDiverged, UserError  # noqa: E402
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"pmc-unlearn {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"pmc-unlearn {args.command}: training diverged: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"pmc-unlearn {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

@@ -103,6 +103,7 @@ def tiny_random_config():
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, rms_norm_eps=1e-5,
+        initializer_range=0.5,  # wide enough that greedy answers of a random model are not all one token
     )
 
 
@@ -121,6 +122,24 @@ def resolve_path(name: str) -> str:
     return name
 
 
+def check_causal_lm(name: str, folder: str | None = None) -> None:
+    """Fail early (before any output is written) when `name` is missing or not a causal LM."""
+    from transformers import AutoConfig
+
+    if name in ALIASES:
+        if name == SMOLLM2_ALIAS:
+            _gguf_dir()
+        return
+    folder = folder or resolve_path(name)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise UserError(f"model {name}: could not read its config ({type(e).__name__}: {e})") from e
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise UserError(f"model {name}: {', '.join(archs)} is not a causal language model; pass a *ForCausalLM model")
+
+
 @dataclass
 class LoadedModel:
     model: Any
@@ -130,7 +149,7 @@ class LoadedModel:
 
 def load_model(name: str, dtype: str = "float32", seed: int = 0, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a causal LM and its tokenizer by alias, folder or hub id."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = DTYPES.get(dtype)
     if torch_dtype is None:
@@ -145,13 +164,7 @@ def load_model(name: str, dtype: str = "float32", seed: int = 0, device: str | t
         torch.random.set_rng_state(gen)
         return LoadedModel(model.to(device), tok, name)
     folder = str(smollm2_folder()) if name == SMOLLM2_ALIAS else resolve_path(name)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except Exception as e:
-        raise UserError(f"model {name}: could not read its config ({type(e).__name__}: {e})") from e
-    archs = getattr(config, "architectures", None) or []
-    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        raise UserError(f"model {name}: {', '.join(archs)} is not a causal language model; pass a *ForCausalLM model")
+    check_causal_lm(name, folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
     except ValueError as e:
@@ -203,5 +216,6 @@ def fingerprint(model) -> str:
         # to tell trained weights apart.
         step = max(1, flat.numel() // 4096)
         h.update(flat[::step].float().cpu().numpy().tobytes())
-        h.update(str(float(flat.float().sum())).encode())
+        # float64 numpy (pairwise) sum: the same bits whatever the thread count (torch's CPU sum is not)
+        h.update(str(float(flat.detach().double().cpu().numpy().sum())).encode())
     return h.hexdigest()[:16]

@@ -153,7 +153,10 @@ def load_data(cfg: RunConfig, method: Method) -> tuple[list[dict], list[dict]]:
 def make_accelerator():
     from accelerate import Accelerator
 
-    return Accelerator()
+    # Without a GPU, tell accelerate so: it only sets up multi-process CPU training (gloo) when
+    # asked to use the CPU. With a GPU, the accelerate config / launcher decides.
+    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(cpu=not has_gpu)
 
 
 def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | None = None) -> dict[str, Any]:
@@ -280,13 +283,13 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
                         manifest.finish("diverged", error=f"non-finite loss at step {step}")
                     kept = rundir.checkpoint_dirs(out)
                     raise TrainingDiverged(
-                        f"loss is {float(loss)} at step {step} (epoch {epoch}, micro-batch {j}); "
+                        f"loss is {float(loss.detach())} at step {step} (epoch {epoch}, micro-batch {j}); "
                         f"{'last good checkpoint: ' + str(kept[-1]) if kept else 'no checkpoint was written yet'}; "
                         "lower train.lr or check the data"
                     )
                 acc.backward(loss / group_len)
             tokens += prep.tokens
-            group.append({"train/loss": float(loss), **logs, **prep.stats})
+            group.append({"train/loss": float(loss.detach()), **logs, **prep.stats})
             micro_done = m + 1
             if not last:
                 continue

@@ -64,7 +64,7 @@ def print_help_config(method: str | None) -> int:
 def execute(args, cfg, defaults_note: str = "") -> int:
     from pmc_unlearn import rundir
     from pmc_unlearn.methods import METHODS
-    from pmc_unlearn.models import ALIASES, _gguf_dir, resolve_path
+    from pmc_unlearn.models import check_causal_lm
     from pmc_unlearn.trainer import Plan, load_data, train
 
     out = Path(args.resume or args.output or "")
@@ -72,10 +72,7 @@ def execute(args, cfg, defaults_note: str = "") -> int:
         raise UserError("--output DIR is required (or --resume DIR, or --dry-run)")
     method = METHODS[cfg.method](cfg.method_cfg)
     primary, retain = load_data(cfg, method)
-    if cfg.model.name in ALIASES:
-        _gguf_dir()
-    else:
-        resolve_path(cfg.model.name)
+    check_causal_lm(cfg.model.name)
     if args.dry_run:
         plan = Plan(len(primary), 1, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs,
                     cfg.train.max_steps, cfg.train.warmup_epochs)
