@@ -1,0 +1,201 @@
+"""`evaluate`: the whole TOFU evaluation of one model, as a function (the `eval` command calls it).
+
+Order: validate every input (UserError, nothing written) -> load the model -> collect records
+(resumable, cached) -> aggregate (pure) -> write records.jsonl, summary.json, TOFU_EVAL.json
+and TOFU_SUMMARY.json into the output folder (main process only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from pmc_unlearn.errors import UserError
+from pmc_unlearn.evaluation import collect as C
+from pmc_unlearn.evaluation import export
+from pmc_unlearn.evaluation import metrics as M
+from pmc_unlearn.evaluation.reference import check_reference, read_reference
+from pmc_unlearn.formatting import PromptFormat
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+RECORDS_FILE = "records.jsonl"
+DTYPES = ("float32", "bfloat16")
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("pmc-unlearn", "torch", "transformers", "accelerate", "rouge-score", "scipy", "scikit-learn", "numpy"):
+        try:
+            out[f"version_{pkg.replace('-', '_')}"] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[f"version_{pkg.replace('-', '_')}"] = None
+    return out
+
+
+def _git_hash() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                           cwd=Path(__file__).resolve().parent)
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _json_safe(x):
+    return export._clean(x)
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out}: is a file; pass a folder (it is created when missing)")
+    if overwrite:
+        return
+    rec = out / RECORDS_FILE
+    if rec.exists():
+        foreign = [r for r in C.read_records(rec) if "key" not in r or "split" not in r]
+        if foreign:
+            raise UserError(f"--output {out}: {RECORDS_FILE} there was not written by this command; "
+                            "choose another --output or pass --overwrite")
+
+
+def evaluate(
+    model: str | object,
+    forget_split: str,
+    output_dir: str | Path | None = None,
+    *,
+    retain_records: str | Path | None = None,
+    require_forget_quality: bool = True,
+    max_examples: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 200,
+    dtype: str = "float32",
+    retain_sample: str = "perturbed",
+    fmt: PromptFormat | None = None,
+    use_cache: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict:
+    """Evaluate a model (alias, folder, hub id, or a `models.LoadedModel`) on TOFU; returns summary.json's dict.
+
+    Without `retain_records`, `require_forget_quality=True` raises UserError (forget quality needs
+    the retain model); with False, forget_quality and privleak are null and a note says why.
+    """
+    # 1. validate everything before any work
+    fmt = fmt or C.EVAL_FORMAT
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    specs = C.tofu_suite(forget_split, retain_sample, max_examples)
+    forget_items = next(s for s in specs if s.name == M.FORGET).items
+    reference = None
+    if retain_records is not None:
+        reference = read_reference(retain_records)
+        from pmc_unlearn.data import load_rows
+
+        check_reference(reference, forget_split, forget_items, len(load_rows(f"tofu:{forget_split}_perturbed")))
+    elif require_forget_quality:
+        raise UserError("forget quality needs the retain model's records: pass --retain-records PATH "
+                        "(records.jsonl of `pmc-unlearn eval` on the retain model, or open-unlearning's TOFU_EVAL.json), "
+                        "or --no-forget-quality to report it as null")
+    out = Path(output_dir).expanduser() if output_dir is not None else None
+    if out is not None:
+        _check_output(out, overwrite)
+
+    # 2. model
+    t0 = time.time()
+    from pmc_unlearn.models import LoadedModel, fingerprint, load_model
+
+    rank, _world = C._dist()
+    if isinstance(model, LoadedModel):
+        lm = model
+    elif isinstance(model, str):
+        if device is None:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                from accelerate import PartialState
+
+                device = str(PartialState().device)
+            else:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+        lm = load_model(model, dtype=dtype, device=device)
+    else:
+        raise UserError(f"model {model!r}: pass a model name/folder or a models.LoadedModel")
+    lm.model.eval()
+    fp = fingerprint(lm.model)
+    actual_dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    t_load = time.time() - t0
+
+    gen = C.GenSettings(max_new_tokens)
+    if out is not None and not overwrite:
+        keys = {C.split_key(fp, s, gen, fmt, lm.tokenizer) for s in specs}
+        other = {r.get("key") for r in C.read_records(out / RECORDS_FILE)} - keys
+        if other:
+            raise UserError(f"--output {out}: its {RECORDS_FILE} holds records of another model or other settings; "
+                            "choose another --output or pass --overwrite")
+
+    # 3. collect
+    main = rank == 0
+    if out is not None and main:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            (out / RECORDS_FILE).unlink(missing_ok=True)
+    C._barrier(_world)
+    t1 = time.time()
+    records = C.collect_records(
+        lm.model, lm.tokenizer, specs, fmt, gen, batch_size,
+        records_path=(out / RECORDS_FILE) if out is not None else None,
+        use_cache=use_cache, model_fingerprint=fp, progress=progress,
+    )
+    t_collect = time.time() - t1
+
+    # 4. aggregate (pure)
+    t2 = time.time()
+    summary = M.summarize(records, reference, require_forget_quality=False)
+    t_agg = time.time() - t2
+    summary.update({
+        "model_name": lm.name,
+        "model_fingerprint": fp,
+        "forget_split": forget_split,
+        "holdout_split": C.holdout_for(forget_split),
+        "retain_sample": ("tofu:retain_perturbed (TOFU's 400 evaluation rows)" if retain_sample == "perturbed" else
+                          f"tofu:{C.retain_for(forget_split)} rows default_rng({C.RNG400_SEED}).integers(0, n, "
+                          f"{C.RNG400_SIZE}) (PMC authors' sample, with replacement)"),
+        "max_examples": max_examples,
+        **{f"n_examples_{s.name}": len(s.items) for s in specs},
+        "max_new_tokens": max_new_tokens,
+        "decoding": "greedy",
+        "batch_size": batch_size,
+        "dtype": actual_dtype,
+        "device": str(next(lm.model.parameters()).device),
+        "prompt_chat_template": fmt.use_chat_template and bool(getattr(lm.tokenizer, "chat_template", None)),
+        "prompt_system": fmt.system_prompt,
+        "prompt_max_length": fmt.max_length,
+        "min_k": C.scores.MIN_K,
+        "time_load_s": round(t_load, 3),
+        "time_collect_s": round(t_collect, 3),
+        "time_aggregate_s": round(t_agg, 4),
+        "git_commit": _git_hash(),
+        **_versions(),
+    })
+    summary = _json_safe(summary)
+
+    # 5. write (main process only)
+    if out is not None and main:
+        C.write_records(records, out / RECORDS_FILE)
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        export.write_open_unlearning(records, summary, out)
+        log.info("wrote %s, %s, TOFU_EVAL.json and TOFU_SUMMARY.json in %s", RECORDS_FILE, SUMMARY_FILE, out)
+    return summary

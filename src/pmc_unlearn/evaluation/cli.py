@@ -1,0 +1,73 @@
+"""`pmc-unlearn eval`: evaluate a model on TOFU (both metric families), see docs/evaluation.md.
+
+Kept light at import time (argparse only): `pmc-unlearn --help` imports every command module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model alias (tiny-random, smollm2-135m), save_pretrained folder or hub id")
+    p.add_argument("--forget-split", required=True, choices=("forget01", "forget05", "forget10"),
+                   help="TOFU forget split; the holdout split for MIA follows it (holdout01/05/10)")
+    p.add_argument("--output", required=True, help="folder for records.jsonl, summary.json, TOFU_EVAL.json, TOFU_SUMMARY.json")
+    p.add_argument("--retain-records", default=None,
+                   help="the retain model's results on the same forget split: our records.jsonl (or its run folder) "
+                        "or open-unlearning's TOFU_EVAL.json; needed for forget_quality and privleak")
+    p.add_argument("--no-forget-quality", action="store_true",
+                   help="run without --retain-records: forget_quality and privleak are reported as null, with a note")
+    p.add_argument("--max-examples", type=int, default=None, help="only the first N examples of each split (smoke tests)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward/generate batch (results do not depend on it)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="greedy generation limit (200 in both references)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights dtype when loading the model")
+    p.add_argument("--retain-sample", default="perturbed", choices=("perturbed", "rng400"),
+                   help="retain sample for the PMC utility U: TOFU's retain_perturbed, or the PMC authors' 400 rows "
+                        "drawn with default_rng(12345) from retainXX (retain99 for forget01, ...)")
+    p.add_argument("--plain-prompt", action="store_true",
+                   help="use 'Question: ...\\nAnswer:' instead of the tokenizer's chat template (must match training)")
+    p.add_argument("--system-prompt", default=None, help="system prompt for the chat template (default: the template's own)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the per-split record cache")
+    p.add_argument("--overwrite", action="store_true", help="discard records.jsonl already in --output instead of resuming")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pmc_unlearn.errors import UserError
+    from pmc_unlearn.evaluation.api import evaluate
+    from pmc_unlearn.evaluation.collect import EVAL_FORMAT
+    from pmc_unlearn.formatting import PromptFormat
+
+    if args.retain_records is not None and args.no_forget_quality:
+        raise UserError("--retain-records and --no-forget-quality contradict each other; pass one of them")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise UserError(f"--max-examples {args.max_examples}: must be at least 1 (or left out for every example)")
+    fmt = PromptFormat(use_chat_template=not args.plain_prompt, system_prompt=args.system_prompt,
+                       max_length=EVAL_FORMAT.max_length)
+    s = evaluate(
+        args.model, args.forget_split, args.output,
+        retain_records=args.retain_records, require_forget_quality=not args.no_forget_quality,
+        max_examples=args.max_examples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype, retain_sample=args.retain_sample, fmt=fmt, use_cache=not args.no_cache,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+
+    from pmc_unlearn.evaluation.collect import _dist
+
+    if _dist()[0] != 0:  # under accelerate launch only the main process reports
+        return 0
+
+    def f(k: str) -> str:
+        v = s.get(k)
+        return "null" if v is None else f"{v:.4g}"
+
+    print(f"unlearn_quality={f('unlearn_quality')} utility={f('utility')} | forget_quality={f('forget_quality')} "
+          f"model_utility={f('model_utility')} forget_truth_ratio={f('forget_truth_ratio')} | "
+          f"mia_min_k_auc={f('mia_min_k_auc')} privleak={f('privleak')} | written to {args.output}")
+    if s.get("forget_quality_note"):
+        print(f"note: {s['forget_quality_note']}")
+    return 0

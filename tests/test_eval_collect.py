@@ -1,0 +1,130 @@
+"""The model part of evaluation on the tiny random model: batch-size independence, resuming, caching."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from eval_fixtures import eval_cache, tiny  # noqa: F401  (fixtures)
+
+from pmc_unlearn.data import load_rows
+from pmc_unlearn.evaluation import collect as C
+from pmc_unlearn.formatting import collate_train, encode_pair
+from pmc_unlearn.losses import per_example_nll
+
+# Questions and answers of very different lengths, so batches pad prompts (left, generation)
+# and whole sequences (right, NLL) on both sides.
+ROWS = load_rows("tofu:forget01_perturbed")[:5]
+QUESTIONS = [r["question"] for r in ROWS] + ["Hi?", "Who?", "Name a book by the author born in Kuwait City in 1956, please."]
+ANSWERS = [r["answer"] for r in ROWS] + ["No.", "A very long answer " * 6, "Promise by the Seine."]
+
+
+def test_nll_does_not_depend_on_batch_size(tiny):
+    one = C.answer_scores(tiny.model, tiny.tokenizer, QUESTIONS, ANSWERS, batch_size=1)
+    eight = C.answer_scores(tiny.model, tiny.tokenizer, QUESTIONS, ANSWERS, batch_size=8)
+    three = C.answer_scores(tiny.model, tiny.tokenizer, QUESTIONS, ANSWERS, batch_size=3)
+    for a, b, c in zip(one, eight, three):
+        for k in ("nll", "mia_min_k", "mia_min_k_plus_plus", "mia_zlib"):
+            assert abs(a[k] - b[k]) < 1e-4 and abs(a[k] - c[k]) < 1e-4, k
+        assert a["n_tokens"] == b["n_tokens"] and a["em"] == b["em"] and a["es"] == b["es"]
+    # answer_nll is the same number
+    assert C.answer_nll(tiny.model, tiny.tokenizer, QUESTIONS[:2], ANSWERS[:2]) == pytest.approx(
+        [d["nll"] for d in one[:2]], abs=1e-4)
+
+
+def test_nll_matches_losses_per_example_nll(tiny):
+    # one unpadded example through losses.per_example_nll must give the collector's number
+    ex = encode_pair(tiny.tokenizer, QUESTIONS[0], ANSWERS[0], C.EVAL_FORMAT)
+    b = collate_train([ex], tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = tiny.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    ref = per_example_nll(logits, b["labels"]).item()
+    got = C.answer_scores(tiny.model, tiny.tokenizer, QUESTIONS[:1], ANSWERS[:1])[0]
+    assert got["nll"] == pytest.approx(ref, abs=1e-5)
+    assert got["mia_loss"] == got["nll"]
+    assert got["n_tokens"] == len(ex.answer)  # answer tokens only (with the end-of-turn token)
+
+
+def test_greedy_generation_does_not_depend_on_batch_size(tiny):
+    one = C.generate_greedy(tiny.model, tiny.tokenizer, QUESTIONS, max_new_tokens=12, batch_size=1)
+    eight = C.generate_greedy(tiny.model, tiny.tokenizer, QUESTIONS, max_new_tokens=12, batch_size=8)
+    assert [g.text for g in one] == [g.text for g in eight]
+    assert all(g.n_tokens <= 12 for g in one)
+    assert all(g.hit_limit == (g.n_tokens == 12) for g in one)
+
+
+def test_rouge_recall_definition():
+    # target "the cat sat", prediction "the cat": ROUGE-1 recall 2/3, ROUGE-L recall 2/3 (LCS "the cat")
+    r = C.rouge_recall("the cat sat", "the cat")
+    assert r["rouge1_recall"] == pytest.approx(2 / 3) and r["rougeL_recall"] == pytest.approx(2 / 3)
+
+
+def test_rng400_sample_is_drawn_from_the_matching_retain_split():
+    # PMC authors: retain split = retain{100 - XX}, default_rng(12345).integers(0, len, 400) with replacement
+    assert C.retain_for("forget01") == "retain99" and C.retain_for("forget10") == "retain90"
+    idx = C.rng400_indices(3960)
+    assert len(idx) == 400 and max(idx) < 3960
+    assert idx == C.rng400_indices(3960)  # deterministic
+    specs = {s.name: s for s in C.tofu_suite("forget01", "rng400", max_examples=3)}
+    assert specs["retain_sample"].source == "tofu:retain99#rng12345x400"
+    assert [it.extra["source_index"] for it in specs["retain_sample"].items] == idx[:3]
+    assert specs["holdout"].source == "tofu:holdout01" and not specs["holdout"].generate
+
+
+def _small_specs():
+    rows = load_rows("tofu:forget01_perturbed")[:6]
+    items = [C.EvalItem(i, r["question"], r["answer"], r["paraphrased_answer"], r["perturbed_answer"][:2])
+             for i, r in enumerate(rows)]
+    return [C.SplitSpec("forget", "tofu:forget01_perturbed", items)]
+
+
+def test_partial_records_resume_without_recomputing(tiny, tmp_path, monkeypatch):
+    gen = C.GenSettings(max_new_tokens=6)
+    path = tmp_path / "records.jsonl"
+    full = C.collect_records(tiny.model, tiny.tokenizer, _small_specs(), gen=gen, batch_size=4,
+                             records_path=path, use_cache=False, progress=False)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 6
+    # a killed run: two finished records and half a line
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])
+    done_idx = {json.loads(x)["index"] for x in lines[:2]}
+
+    computed = []
+    real = C._compute_items
+
+    def counting(model, tok, spec, items, *a, **k):
+        computed.extend(it.index for it in items)
+        return real(model, tok, spec, items, *a, **k)
+
+    monkeypatch.setattr(C, "_compute_items", counting)
+    again = C.collect_records(tiny.model, tiny.tokenizer, _small_specs(), gen=gen, batch_size=4,
+                              records_path=path, use_cache=False, progress=False)
+    assert sorted(computed) == sorted(set(range(6)) - done_idx)  # only the unfinished ones
+    for a, b in zip(full, again):
+        assert a["index"] == b["index"] and a["generation"] == b["generation"]
+        assert a["nll"] == pytest.approx(b["nll"], abs=1e-4)
+    # the file is valid again: every line parses, all six examples present
+    recs = C.read_records(path)
+    assert sorted(r["index"] for r in recs) == list(range(6))
+
+
+def test_cache_is_keyed_by_weights_and_settings(tiny, tmp_path, monkeypatch):
+    specs = _small_specs()[:1]
+    specs[0].items = specs[0].items[:2]
+    gen = C.GenSettings(max_new_tokens=4)
+    C.collect_records(tiny.model, tiny.tokenizer, specs, gen=gen, batch_size=2, progress=False)
+    computed = []
+    real = C._compute_items
+    monkeypatch.setattr(C, "_compute_items",
+                        lambda m, t, s, items, *a, **k: computed.extend(items) or real(m, t, s, items, *a, **k))
+    C.collect_records(tiny.model, tiny.tokenizer, specs, gen=gen, batch_size=1, progress=False)
+    assert computed == []  # same weights and settings (batch size is not part of the key): all from the cache
+    C.collect_records(tiny.model, tiny.tokenizer, specs, gen=C.GenSettings(max_new_tokens=5), batch_size=2,
+                      progress=False)
+    assert len(computed) == 2  # another generation limit: another key
+    fp = "0" * 16
+    k1 = C.split_key(fp, specs[0], gen, C.EVAL_FORMAT, tiny.tokenizer)
+    k2 = C.split_key("1" * 16, specs[0], gen, C.EVAL_FORMAT, tiny.tokenizer)
+    k3 = C.split_key(fp, specs[0], gen, C.PromptFormat(use_chat_template=False, max_length=512), tiny.tokenizer)
+    assert len({k1, k2, k3}) == 3
