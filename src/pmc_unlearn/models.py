@@ -184,8 +184,15 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_model(model, tokenizer, out: Path) -> None:
-    """save_pretrained (safetensors) into `out`; a LoRA model writes `out/adapter` and a merged copy in `out`."""
+PROMPT_FORMAT_FILE = "pmc_unlearn_prompt.json"
+
+
+def save_model(model, tokenizer, out: Path, prompt_format=None) -> None:
+    """save_pretrained (safetensors) into `out`; a LoRA model writes `out/adapter` and a merged copy in `out`.
+
+    The prompt format the model was trained with goes beside it (`pmc_unlearn_prompt.json`), so
+    evaluation and later runs use the same one without being told.
+    """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -199,8 +206,18 @@ def save_model(model, tokenizer, out: Path) -> None:
     else:
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if prompt_format is not None:
+        from dataclasses import asdict
+
+        (tmp / PROMPT_FORMAT_FILE).write_text(json.dumps(asdict(prompt_format), indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+def saved_prompt_format(name: str) -> dict | None:
+    """The prompt format stored beside a model folder we wrote (None for aliases and other models)."""
+    p = Path(name).expanduser() / PROMPT_FORMAT_FILE
+    return json.loads(p.read_text()) if p.exists() else None
 
 
 def fingerprint(model) -> str:

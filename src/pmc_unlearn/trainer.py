@@ -257,10 +257,15 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
     cur_epoch = -1
     shard: list[int] = []
     autocast = torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    train_started = time.perf_counter() - (manifest.data["phases_s"].get("train", 0.0) if manifest else 0.0)
+    stopped_early = False
     with timer("train"):
         for m, (epoch, j, last) in enumerate(schedule):
             if m < micro_done:
                 continue
+            if cfg.train.max_time_s and group_len == 0 and time.perf_counter() - train_started >= cfg.train.max_time_s:
+                stopped_early = True  # only between optimizer steps, so the saved state is consistent
+                break
             if epoch != cur_epoch:
                 cur_epoch = epoch
                 shard = shard_indices(len(primary), cfg.train.seed, epoch, acc.num_processes, acc.process_index)
@@ -317,13 +322,18 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
                 with timer("checkpoint"):
                     checkpoint()
     bar.close()
+    if stopped_early:
+        log.info("train.max_time_s=%s reached after %d of %d optimizer steps", cfg.train.max_time_s, step, total)
+        with timer("checkpoint"):
+            checkpoint()
 
     with timer("save"):
         if main:
-            save_model(acc.unwrap_model(model), tok, out / "model")
+            save_model(acc.unwrap_model(model), tok, out / "model", prompt_format=fmt)
     fps = ctx.gather([fingerprint(acc.unwrap_model(model))])
     if manifest:
-        manifest.finish("completed", steps=step, model_fingerprint=fps[0], rank_fingerprints=fps)
+        manifest.finish("completed", steps=step, planned_steps=total, stopped_by_time_limit=stopped_early,
+                        model_fingerprint=fps[0], rank_fingerprints=fps)
         return manifest.data
     return {"rank_fingerprints": fps}
 

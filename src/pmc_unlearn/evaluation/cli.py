@@ -46,8 +46,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--retain-records and --no-forget-quality contradict each other; pass one of them")
     if args.max_examples is not None and args.max_examples < 1:
         raise UserError(f"--max-examples {args.max_examples}: must be at least 1 (or left out for every example)")
+    from pmc_unlearn.models import saved_prompt_format
+
     fmt = PromptFormat(use_chat_template=not args.plain_prompt, system_prompt=args.system_prompt,
                        max_length=EVAL_FORMAT.max_length)
+    saved = saved_prompt_format(args.model)
+    if saved and not args.plain_prompt and args.system_prompt is None:
+        # a model we trained carries the prompt format it learned with: use it unless told otherwise
+        fmt = PromptFormat(use_chat_template=saved["use_chat_template"], system_prompt=saved["system_prompt"],
+                           max_length=EVAL_FORMAT.max_length)
     s = evaluate(
         args.model, args.forget_split, args.output,
         retain_records=args.retain_records, require_forget_quality=not args.no_forget_quality,
