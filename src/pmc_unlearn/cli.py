@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "unlearn": ("pmc_unlearn.commands.unlearn", "unlearn a forget set (PMC or a baseline)"),
     "finetune": ("pmc_unlearn.commands.finetune", "fine-tune a model on QA data (TOFU target/retain models)"),
     "eval": ("pmc_unlearn.evaluation.cli", "evaluate a model on TOFU (both metric families)"),
+    "sweep": ("pmc_unlearn.commands.sweep", "run a grid of unlearn + eval points (resumable) and plot Pareto fronts"),
+    "demo": ("pmc_unlearn.commands.demo", "the whole story on a small model: fine-tune, unlearn (PMC, baselines), evaluate, report"),
+    "report": ("pmc_unlearn.commands.report", "an HTML + Markdown report comparing runs, evaluations or demo folders"),
+    "attack": ("pmc_unlearn.attacks.cli", "attack a model: does forgotten knowledge leak (sampling, prefill, relearning, ...)"),
 }
 
 
@@ -51,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # torchao (used by the quantization attack) is imported by transformers on every model load
+    # and warns about CUDA-only extensions it cannot load on a CPU: harmless, so quiet.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     if not args.command:
         parser.print_help()
         return 2

@@ -1,0 +1,327 @@
+"""`run_attacks`: run any subset of the attacks against one model and write attacks.json.
+
+Order: validate every input (UserError, nothing written) -> load the model and compare it with
+what attacks.json already holds -> per attack: skip it when its section is already there with
+the same settings (unless `overwrite`), else run it and rewrite attacks.json and
+attacks_records.jsonl (atomically) before the next one, so a killed run resumes per attack.
+Layout of both files: docs/attacks.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pmc_unlearn.errors import UserError
+from pmc_unlearn.formatting import PromptFormat
+
+log = logging.getLogger(__name__)
+
+ATTACK_NAMES = ("sampling", "prefill", "paraphrase", "relearning", "quantization", "least_likely")
+ATTACKS_FILE = "attacks.json"
+RECORDS_FILE = "attacks_records.jsonl"
+SCHEMA_VERSION = 1
+DTYPES = ("float32", "bfloat16")
+
+
+def attack_module(name: str):
+    return importlib.import_module(f"pmc_unlearn.attacks.{name}")
+
+
+def parse_attacks(spec: str | Sequence[str] | None) -> list[str]:
+    """'all', 'sampling,prefill' or a list -> attack names in the canonical order, validated."""
+    if spec is None:
+        return list(ATTACK_NAMES)
+    names = [x.strip() for x in (spec.split(",") if isinstance(spec, str) else spec) if x and x.strip()]
+    if names == ["all"]:
+        return list(ATTACK_NAMES)
+    if not names:
+        raise UserError(f"--attacks {spec!r}: name at least one of {', '.join(ATTACK_NAMES)} (or all)")
+    bad = [n for n in names if n not in ATTACK_NAMES]
+    if bad:
+        raise UserError(f"--attacks: unknown attack '{bad[0]}'; choose from {', '.join(ATTACK_NAMES)} (comma-separated) or all")
+    return [n for n in ATTACK_NAMES if n in names]
+
+
+def build_settings(names: Sequence[str], settings: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    """Each attack's Settings from defaults and `settings` ({attack: {key: value}}, values may be strings)."""
+    from pmc_unlearn.config import build_section
+
+    settings = dict(settings or {})
+    for sec in settings:
+        if sec not in ATTACK_NAMES:
+            raise UserError(f"unknown settings section '{sec}'; known: {', '.join(ATTACK_NAMES)}")
+        if sec not in names:
+            raise UserError(f"settings for '{sec}' were given but {sec} is not among the attacks run "
+                            f"({', '.join(names)}); add it to --attacks or drop the settings")
+    return {n: build_section(attack_module(n).Settings, n, dict(settings.get(n, {}))) for n in names}
+
+
+def settings_help(names: Sequence[str] = ATTACK_NAMES) -> str:
+    from pmc_unlearn.config import config_help
+
+    return "\n\n".join(config_help(attack_module(n).Settings, n) for n in names)
+
+
+def _clean(x):
+    from pmc_unlearn.evaluation.export import _clean as clean
+
+    return clean(x)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def read_attacks(path: str | Path) -> dict:
+    """attacks.json as a dict ({} when missing); UserError when it is not ours."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ATTACKS_FILE
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg}); pass --overwrite to start it again") from e
+    if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION or not isinstance(doc.get("attacks"), dict):
+        raise UserError(f"{path}: not an attacks.json of this version; choose another --output or pass --overwrite")
+    return doc
+
+
+def read_attack_records(path: str | Path) -> list[dict]:
+    from pmc_unlearn.evaluation.collect import read_records
+
+    path = Path(path)
+    return read_records(path / RECORDS_FILE if path.is_dir() else path)
+
+
+def _write_records(path: Path, keep: list[dict], new: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for r in [*keep, *new]:
+            f.write(json.dumps(_clean(r), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _versions() -> dict[str, str | None]:
+    from pmc_unlearn.evaluation.api import _versions as eval_versions
+
+    v = eval_versions()
+    import importlib.metadata as md
+
+    try:
+        v["version_torchao"] = md.version("torchao")
+    except md.PackageNotFoundError:
+        v["version_torchao"] = None
+    return v
+
+
+def _model_folder(name: str) -> str | None:
+    """A save_pretrained folder with the model's weights (for relearning), or None (a copy is saved)."""
+    from pmc_unlearn.models import SMOLLM2_ALIAS, TINY_ALIAS, smollm2_folder
+
+    if name == TINY_ALIAS:
+        return None
+    if name == SMOLLM2_ALIAS:
+        return str(smollm2_folder())
+    p = Path(name).expanduser()
+    return str(p) if p.is_dir() else None
+
+
+def run_attacks(
+    model: str | object,
+    forget_split: str,
+    output_dir: str | Path,
+    *,
+    attacks: str | Sequence[str] | None = None,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    max_examples: int | None = None,
+    max_new_tokens: int = 200,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    fmt: PromptFormat | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict:
+    """Run `attacks` (default: all six) on `model`; write and return attacks.json's dict.
+
+    `model`: an alias (tiny-random, smollm2-135m), a save_pretrained folder, a hub id, or a
+    `models.LoadedModel`. `settings`: {attack: {key: value}} over each attack's defaults
+    (`pmc-unlearn attack --help-settings`). `fmt`: the prompt format; None takes the one saved
+    beside a model folder we trained (pmc_unlearn_prompt.json), else the evaluation's.
+    """
+    import torch
+
+    from pmc_unlearn.evaluation.collect import EVAL_FORMAT, FORGET_SPLITS
+    from pmc_unlearn.models import LoadedModel, check_causal_lm, fingerprint, load_model, saved_prompt_format
+
+    # 1. validate everything before any work
+    names = parse_attacks(attacks)
+    if forget_split not in FORGET_SPLITS:
+        raise UserError(f"--forget-split {forget_split}: choose one of {', '.join(FORGET_SPLITS)}")
+    if max_examples is not None and max_examples < 1:
+        raise UserError(f"--max-examples {max_examples}: must be at least 1 (or left out for every example)")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    objs = build_settings(names, settings)
+    if output_dir is None:
+        raise UserError("--output DIR is required (attacks.json and the relearning runs go there)")
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out}: is a file; pass a folder (it is created when missing)")
+    if isinstance(model, str):
+        check_causal_lm(model)
+        if fmt is None:
+            saved = saved_prompt_format(model)
+            fmt = (PromptFormat(saved["use_chat_template"], saved["system_prompt"], EVAL_FORMAT.max_length)
+                   if saved else EVAL_FORMAT)
+    elif not isinstance(model, LoadedModel):
+        raise UserError(f"model {model!r}: pass a model name/folder or a models.LoadedModel")
+    fmt = fmt or EVAL_FORMAT
+    run_settings = {"forget_split": forget_split, "max_examples": max_examples, "max_new_tokens": max_new_tokens,
+                    "dtype": dtype, "prompt_format": dataclasses.asdict(fmt)}
+    doc = _read_or_empty(out) if overwrite else read_attacks(out / ATTACKS_FILE)
+    if doc and doc.get("run_settings") != run_settings:
+        if not overwrite:
+            raise UserError(f"--output {out}: its {ATTACKS_FILE} was written with other run settings "
+                            f"({_diff(doc.get('run_settings') or {}, run_settings)}); choose another --output or pass --overwrite")
+        doc = {}
+    if not overwrite:
+        for n in names:
+            sec = doc.get("attacks", {}).get(n) if doc else None
+            if sec is not None and sec.get("settings") != _clean(dataclasses.asdict(objs[n])):
+                raise UserError(f"--output {out}: its {n} section was run with other settings "
+                                f"({_diff(sec.get('settings') or {}, dataclasses.asdict(objs[n]))}); "
+                                "choose another --output or pass --overwrite to run it again")
+
+    # 2. model
+    t0 = time.time()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(model, LoadedModel):
+        lm, folder = model, None
+        device = str(next(lm.model.parameters()).device)
+    else:
+        lm, folder = load_model(model, dtype=dtype, device=device), _model_folder(model)
+    lm.model.eval()
+    fp = fingerprint(lm.model)
+    t_load = time.time() - t0
+    if doc and doc.get("model_fingerprint") != fp:
+        if not overwrite:
+            raise UserError(f"--output {out}: its {ATTACKS_FILE} holds results of another model "
+                            f"(fingerprint {doc.get('model_fingerprint')}, this one {fp}); choose another --output or pass --overwrite")
+        doc = {}
+
+    from pmc_unlearn.attacks.common import AttackContext, Gen, Timer, load_items
+
+    forget_source = f"tofu:{forget_split}_perturbed"
+    ctx = AttackContext(lm.model, lm.tokenizer, fmt, forget_split, load_items(forget_source), max_examples,
+                        max_new_tokens, batch_size, out, dtype, device, lm.name, folder, progress)
+    for n in names:
+        check = getattr(attack_module(n), "check", None)
+        if check is not None:
+            check(ctx, objs[n])
+
+    # 3. run, writing after each attack
+    out.mkdir(parents=True, exist_ok=True)
+    rec_path = out / RECORDS_FILE
+    old_records = read_attack_records(rec_path) if doc else []
+    from pmc_unlearn.evaluation.api import _git_hash
+
+    if not doc:
+        doc = {"schema_version": SCHEMA_VERSION, "attacks": {}}
+        _write_records(rec_path, [], [])
+    else:  # the greedy answers of the unattacked model are reused, not recomputed
+        by_index = {it.index: it for it in ctx.forget_items}
+        for r in old_records:
+            it = by_index.get(r.get("index"))
+            if r.get("attack") == "baseline" and it is not None and r.get("question") == it.question:
+                ctx._baseline[it.index] = Gen(r["generation"], r.get("n_tokens", 0), r.get("hit_limit", False))
+    doc.update({
+        "schema_version": SCHEMA_VERSION,
+        "model_name": lm.name, "model_fingerprint": fp, "forget_split": forget_split, "forget_source": forget_source,
+        "run_settings": run_settings, "n_forget_examples": len(ctx.forget_items), "max_examples": max_examples,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "device": str(next(lm.model.parameters()).device),
+        "prompt_chat_template": ctx.chat, "prompt_system": fmt.system_prompt, "prompt_max_length": fmt.max_length,
+        "recall": "ROUGE-L recall (rouge_score RougeScorer(['rougeL'], use_stemmer=True), target = ground truth) of greedy "
+                  "generations (prompt alone, cut at EOS) unless an attack says otherwise",
+        "records_file": RECORDS_FILE, "time_load_s": round(t_load, 3), "git_commit": _git_hash(), **_versions(),
+    })
+    doc.setdefault("attacks", {})
+    attacks_file = out / ATTACKS_FILE
+    _write_json(attacks_file, doc)
+
+    from tqdm.auto import tqdm
+
+    todo = [n for n in names if overwrite or n not in doc["attacks"]]
+    for n in names:
+        if n not in todo:
+            log.info("attack %s: already in %s with the same settings; skipped (--overwrite reruns it)", n, attacks_file)
+    for n in tqdm(todo, desc="attacks", unit="attack", disable=not progress):
+        had_baseline = set(ctx._baseline)
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        with Timer() as t:
+            res = attack_module(n).run(ctx, objs[n])
+        sec = {"settings": dataclasses.asdict(objs[n]), "time_s": round(t.s, 3), "started_at": started,
+               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "n_examples": res.n_examples,
+               "headline": res.headline, "metrics": res.metrics, **res.extra}
+        doc["attacks"][n] = sec
+        new = [{"attack": n, **r} for r in res.records]
+        drop = {n}
+        if set(ctx._baseline) != had_baseline:  # the baseline was computed during this attack
+            drop.add("baseline")
+            base = ctx.baseline()
+            from pmc_unlearn.attacks.common import rouge_l_recall
+            from pmc_unlearn.attacks.pure import mean
+
+            brecs = [{"attack": "baseline", "index": it.index, "question": it.question, "answer": it.answer,
+                      "generation": base[it.index].text, "n_tokens": base[it.index].n_tokens,
+                      "hit_limit": base[it.index].hit_limit,
+                      "rougeL_recall": rouge_l_recall(it.answer, base[it.index].text)} for it in ctx.forget_items]
+            doc["baseline"] = {"what": "greedy answers of the unattacked model to the attacked forget questions",
+                               "forget_rougeL_recall": mean([r["rougeL_recall"] for r in brecs]),
+                               "n_examples": len(brecs),
+                               "hit_limit_frac": mean([float(r["hit_limit"]) for r in brecs])}
+            new += brecs
+        old_records = [r for r in old_records if r.get("attack") not in drop]
+        _write_records(rec_path, old_records, new)
+        old_records += new
+        doc["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        _write_json(attacks_file, doc)
+        h = res.headline
+        log.info("attack %s: %s = %s (%s: %s) in %.1f s", n, h["metric"], _fmt(h["value"]), h["reference_name"],
+                 _fmt(h["reference"]), t.s)
+    return _clean(doc)
+
+
+def _read_or_empty(out: Path) -> dict:
+    """With --overwrite, a broken or foreign attacks.json is started again rather than refused."""
+    try:
+        return read_attacks(out / ATTACKS_FILE)
+    except UserError:
+        return {}
+
+
+def _fmt(v) -> str:
+    return "null" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _diff(a: Mapping, b: Mapping) -> str:
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in keys[:3]) or "unknown difference"
