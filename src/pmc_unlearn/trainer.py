@@ -192,6 +192,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
     total = plan.total_steps
     if total == 0:
         raise UserError("the run has no optimizer steps: raise train.epochs or train.max_steps")
+    method.configure_model(model)  # e.g. RMU freezes weights: before AdamW and DDP see them
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(plan.warmup_steps, total))
     model, opt = acc.prepare(model, opt)
@@ -278,6 +279,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
             if group_len == 0:  # size of this accumulation group: up to the next stepping micro-batch
                 group_len = next(k for k in range(m, len(schedule)) if schedule[k][2]) - m + 1
             prep = method.prepare(ctx, idx, ridx)
+            prep.batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in prep.batch.items()}
             sync = contextlib.nullcontext() if last else acc.no_sync(model)
             with sync:
                 with autocast:

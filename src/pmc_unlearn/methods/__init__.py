@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from pmc_unlearn.config import METHOD_CONFIGS
 from pmc_unlearn.methods.base import Method, RunContext
+from pmc_unlearn.methods.baselines import BASELINES
 from pmc_unlearn.methods.pmc import PMC, PMCConfig
 from pmc_unlearn.methods.sft import SFT, SFTConfig
 
 METHODS: dict[str, type[Method]] = {"pmc": PMC, "sft": SFT}
 METHOD_CONFIGS.update({"pmc": PMCConfig, "sft": SFTConfig})
+METHODS.update({name: cls for name, (cls, _) in BASELINES.items()})  # ga gd npo simnpo idk idkdpo rmu retain_ft
+METHOD_CONFIGS.update({name: cfg for name, (_, cfg) in BASELINES.items()})
 
 
 def register(name: str, cls: type[Method], cfg_cls: type) -> None:

@@ -3,6 +3,7 @@
 The loop (pmc_unlearn.trainer) owns data order, micro-batches, the optimizer, checkpoints and
 logging. A method only says what to do with a micro-batch of primary-set indices:
 
+    configure_model(model)      optional: before the optimizer exists (freeze weights)
     setup(ctx)                  once, before training (PMC: greedy reference answers);
                                 skipped state is restored from a checkpoint instead
     on_epoch_start(ctx, epoch)  optional hook
@@ -79,6 +80,9 @@ class Method:
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    def configure_model(self, model) -> None:
+        """Called once before the optimizer is built: freeze weights here (e.g. RMU trains a few layers)."""
 
     def setup(self, ctx: RunContext) -> None:
         pass

@@ -1,0 +1,602 @@
+"""Baseline unlearning methods, each a small object on the shared loop (`--method NAME`).
+
+Notation: NLL(y) = token-mean answer NLL; S(y) = summed answer log-prob; ref = frozen copy of the
+starting model; "retain" = lambda x NLL of one random retain pair per forget question (the loop
+draws them). docs/methods.md gives the sources of every default and the sign conventions.
+
+    ga         -NLL(y_f)
+    gd         -NLL(y_f) + retain
+    npo        -(2/beta) mean log sigmoid(-beta (S_theta(y_f) - S_ref(y_f))) + retain
+    simnpo     w_f x -(2/beta) mean log sigmoid(-beta S_theta(y_f) / |y_f| - gamma) + retain   (no ref)
+    idk        NLL(forget question -> random refusal) + retain                          (no forget answers)
+    idkdpo     -(2/beta) mean log sigmoid(beta [(S_theta - S_ref)(y_idk) - (S_theta - S_ref)(y_f)]) + retain
+    rmu        MSE(h_L(forget), c u) + alpha MSE(h_L(retain), h_L^ref(retain)); only a few MLP weights train
+    retain_ft  NLL(retain) only, for the wall time of another run                       (no forget answers)
+
+The loss formulas are pure tensor functions (`npo_loss`, `simnpo_loss`, `dpo_loss`, `masked_mse`),
+tested against hand computations; the classes only build batches and call them.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pmc_unlearn.config import opt
+from pmc_unlearn.errors import UserError
+from pmc_unlearn.formatting import IGNORE, Example, collate_train, encode_pair
+from pmc_unlearn.losses import token_logprobs
+from pmc_unlearn.methods.base import Method, Prepared, RunContext, derive_seed
+
+log = logging.getLogger(__name__)
+
+
+# ----- pure losses (tensors in, scalar out) ------------------------------------------------------
+
+def npo_loss(s_theta: torch.Tensor, s_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO: -(2/beta) mean log sigmoid(-beta (S_theta - S_ref)); S are summed log-probs, [B]."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * (s_theta - s_ref)).mean()
+
+
+def simnpo_loss(s_theta: torch.Tensor, lengths: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimNPO (paper form): -(2/beta) mean log sigmoid(-beta S_theta / |y| - gamma); [B] -> scalar."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * s_theta / lengths - gamma).mean()
+
+
+def dpo_loss(s_win: torch.Tensor, s_win_ref: torch.Tensor, s_lose: torch.Tensor, s_lose_ref: torch.Tensor,
+             beta: float) -> torch.Tensor:
+    """DPO scaled by 2/beta (open-unlearning's form): -(2/beta) mean log sigmoid(beta (win log-ratio - lose log-ratio))."""
+    margin = (s_win - s_win_ref) - (s_lose - s_lose_ref)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
+
+
+def masked_mse(acts: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked tokens of the per-token mean squared error: acts [B, T, D], target broadcastable, mask [B, T]."""
+    per_token = (acts.float() - target.float()).pow(2).mean(-1)  # [B, T]
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp(min=1)
+
+
+# ----- shared pieces ------------------------------------------------------------------------------
+
+def _encode(ctx: RunContext, pairs: list[tuple[str, str]]) -> list[Example]:
+    return [encode_pair(ctx.tokenizer, q, a, ctx.fmt) for q, a in pairs]
+
+
+def _build(ctx: RunContext, primary: list[Example], retain: list[Example], stats: dict | None = None) -> Prepared:
+    """Rows [0, len(primary)) first, retain rows after; one right-padded batch."""
+    rows = primary + retain
+    out = dict(stats or {})
+    if primary:
+        out["data/truncated_frac"] = sum(e.truncated for e in primary) / len(primary)
+    return Prepared(collate_train(rows, ctx.tokenizer.pad_token_id), len(primary), out,
+                    tokens=sum(len(e.answer) for e in rows))
+
+
+def _on_device(ctx: RunContext, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(ctx.device) for k, v in batch.items()}
+
+
+def _rows(batch: dict[str, torch.Tensor], a: int, b: int | None = None) -> dict[str, torch.Tensor]:
+    return {k: batch[k][a:b] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _logits(model, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+
+def _mean_nll(lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean NLL of rows given their token log-probs [R, T-1] and mask."""
+    return -lp.sum() / mask.sum().clamp(min=1)
+
+
+def _autocast(ctx: RunContext):
+    """The loop's autocast, for forward passes a method runs outside `loss` (setup)."""
+    dev = ctx.device.type
+    if ctx.cfg.train.bf16 and dev in ("cpu", "cuda"):
+        return torch.autocast(device_type=dev, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def load_reference(ctx: RunContext):
+    """A frozen copy of the starting model: loaded again by name, because on --resume the live model
+    already holds checkpoint weights. Eval mode, no gradients, the run's dtype and device."""
+    from pmc_unlearn.models import load_model
+
+    lm = load_model(ctx.cfg.model.name, ctx.cfg.model.dtype, seed=ctx.cfg.train.seed)
+    ref = lm.model
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref.to(ctx.device)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _load_refusals(source: str) -> list[str]:
+    from pmc_unlearn.data import load_rows
+
+    rows = load_rows(source)
+    out = [r["answer"].strip() for r in rows if isinstance(r.get("answer"), str) and r["answer"].strip()]
+    if not out:
+        raise UserError(f"refusals source {source}: no rows with a non-empty 'answer'; use tofu:idontknow or such a file")
+    return out
+
+
+class _Baseline(Method):
+    """Forget (question, answer) pairs, then retain pairs, in one batch; the retain term."""
+
+    uses_primary_answers = True
+    uses_retain = True
+
+    def _retain_rows(self, ctx: RunContext, ridx: list[int]) -> list[Example]:
+        if not self.uses_retain or getattr(self.cfg, "retain_weight", 0.0) == 0.0:
+            return []  # lambda = 0: skip the retain rows' compute
+        return _encode(ctx, [(ctx.retain[j]["question"], ctx.retain[j]["answer"]) for j in ridx])
+
+    def _forget_rows(self, ctx: RunContext, idx: list[int]) -> list[Example]:
+        return _encode(ctx, [(ctx.primary[i]["question"], ctx.primary[i]["answer"]) for i in idx])
+
+    def prepare(self, ctx: RunContext, idx: list[int], ridx: list[int]) -> Prepared:
+        return _build(ctx, self._forget_rows(ctx, idx), self._retain_rows(ctx, ridx))
+
+    def _add_retain(self, loss: torch.Tensor, lp: torch.Tensor, mask: torch.Tensor, n: int, logs: dict) -> torch.Tensor:
+        if lp.shape[0] == n:
+            return loss
+        r = _mean_nll(lp[n:], mask[n:])
+        logs["train/retain_nll"] = float(r.detach())
+        return loss + self.cfg.retain_weight * r
+
+
+# ----- gradient ascent / difference --------------------------------------------------------------
+
+@dataclass
+class GAConfig:
+    """Gradient ascent has no options of its own (train.* holds the recipe)."""
+
+
+class GradientAscent(_Baseline):
+    name = "ga"
+    uses_retain = False
+
+    def loss(self, ctx, model, prep):
+        b = _on_device(ctx, prep.batch)
+        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        nll = _mean_nll(lp, mask)
+        return -nll, {"train/forget_nll": float(nll.detach())}
+
+
+@dataclass
+class GDConfig:
+    retain_weight: float = opt(1.0, "lambda: weight of the retain NLL (open-unlearning GradDiff alpha: 1.0)", min=0.0)
+
+
+class GradientDifference(_Baseline):
+    name = "gd"
+
+    def loss(self, ctx, model, prep):
+        b = _on_device(ctx, prep.batch)
+        n = prep.n_primary
+        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        nll = _mean_nll(lp[:n], mask[:n])
+        logs = {"train/forget_nll": float(nll.detach())}
+        return self._add_retain(-nll, lp, mask, n, logs), logs
+
+
+# ----- NPO / SimNPO ------------------------------------------------------------------------------
+
+@dataclass
+class NPOConfig:
+    beta: float = opt(0.1, "beta (NPO paper and open-unlearning: 0.1)", gt=0.0)
+    retain_weight: float = opt(1.0, "lambda: weight of the retain NLL (open-unlearning alpha: 1.0)", min=0.0)
+    cache_ref: bool = opt(True, "compute S_ref(y_f) of every forget pair once before training, then free the reference "
+                                "model (exact: the reference is frozen and the pairs are fixed); false: keep it and "
+                                "run it on every micro-batch")
+
+
+class NPO(_Baseline):
+    name = "npo"
+
+    def __init__(self, cfg: NPOConfig):
+        super().__init__(cfg)
+        self.ref = None
+        self.s_ref: torch.Tensor | None = None  # [N] S_ref(y_f) per forget index (cache_ref)
+        self.info: dict = {}
+
+    def setup(self, ctx: RunContext) -> None:
+        ref = load_reference(ctx)
+        self.info = {"reference_model_bytes": model_bytes(ref)}
+        if not self.cfg.cache_ref:
+            self.ref = ref
+            self.info["reference_model"] = "kept on the device for the whole run"
+            return
+        n, bs = len(ctx.primary), max(1, ctx.cfg.train.batch_size)
+        vals = []
+        with torch.no_grad(), _autocast(ctx):
+            for a in range(0, n, bs):
+                b = _on_device(ctx, collate_train(self._forget_rows(ctx, list(range(a, min(n, a + bs)))),
+                                                  ctx.tokenizer.pad_token_id))
+                lp, _ = token_logprobs(_logits(ref, b), b["labels"])
+                vals.append(lp.sum(1).float().cpu())
+        self.s_ref = torch.cat(vals)
+        self.info["reference_model"] = f"freed after precomputing S_ref for {n} forget pairs (no memory while training)"
+        del ref
+        _release_memory()
+
+    def prepare(self, ctx, idx, ridx):
+        prep = super().prepare(ctx, idx, ridx)
+        if self.s_ref is not None:
+            prep.batch["ref_logp"] = self.s_ref[idx]  # [n]
+        return prep
+
+    def loss(self, ctx, model, prep):
+        b = _on_device(ctx, prep.batch)
+        n = prep.n_primary
+        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        s = lp[:n].sum(1)  # [n] S_theta(y_f)
+        if "ref_logp" in b:
+            s_ref = b["ref_logp"]
+        else:
+            with torch.no_grad():
+                s_ref = token_logprobs(_logits(self.ref, _rows(b, 0, n)), b["labels"][:n])[0].sum(1)
+        forget = npo_loss(s, s_ref, self.cfg.beta)
+        logs = {"train/forget_loss": float(forget.detach()), "train/forget_nll": float(_mean_nll(lp[:n], mask[:n]).detach()),
+                "train/log_ratio": float((s - s_ref).mean().detach())}
+        return self._add_retain(forget, lp, mask, n, logs), logs
+
+    def manifest_info(self) -> dict:
+        return dict(self.info)
+
+
+@dataclass
+class SimNPOConfig:
+    beta: float = opt(4.5, "beta (open-unlearning TOFU default: 4.5)", gt=0.0)
+    gamma: float = opt(0.0, "reward margin gamma, outside beta as in the SimNPO paper (open-unlearning's delta = gamma / beta); default 0", min=0.0)
+    forget_weight: float = opt(0.125, "weight of the forget term (open-unlearning gamma, the authors' npo_coeff: 0.125)", min=0.0)
+    retain_weight: float = opt(1.0, "lambda: weight of the retain NLL (open-unlearning alpha: 1.0)", min=0.0)
+
+
+class SimNPO(_Baseline):
+    name = "simnpo"
+
+    def loss(self, ctx, model, prep):
+        b = _on_device(ctx, prep.batch)
+        n = prep.n_primary
+        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        lengths = mask[:n].sum(1).clamp(min=1).to(lp.dtype)  # |y_f| in tokens
+        forget = simnpo_loss(lp[:n].sum(1), lengths, self.cfg.beta, self.cfg.gamma)
+        logs = {"train/forget_loss": float(forget.detach()), "train/forget_nll": float(_mean_nll(lp[:n], mask[:n]).detach())}
+        return self._add_retain(self.cfg.forget_weight * forget, lp, mask, n, logs), logs
+
+
+# ----- refusal targets: IdkNLL, IdkDPO -----------------------------------------------------------
+
+_REFUSALS_HELP = "refusal answers: a data source whose rows have an 'answer' (tofu:idontknow: TOFU's 100 refusals)"
+
+
+def _refusal(ctx: RunContext, refusals: list[str], i: int) -> str:
+    """A refusal for forget question i, drawn anew each epoch from keys (seed, epoch, i): resumable."""
+    return refusals[random.Random(derive_seed(ctx.cfg.train.seed, "idk", ctx.epoch, i)).randrange(len(refusals))]
+
+
+@dataclass
+class IdkConfig:
+    retain_weight: float = opt(1.0, "lambda: weight of the retain NLL (open-unlearning alpha: 1.0)", min=0.0)
+    refusals: str = opt("tofu:idontknow", _REFUSALS_HELP)
+
+    def validate(self) -> None:
+        _load_refusals(self.refusals)  # fail before anything is written
+
+
+class IdkNLL(_Baseline):
+    name = "idk"
+    uses_primary_answers = False  # the target is a refusal: the forget answers are never read
+
+    def setup(self, ctx):
+        self.refusals = _load_refusals(self.cfg.refusals)
+
+    def prepare(self, ctx, idx, ridx):
+        fe = _encode(ctx, [(ctx.primary[i]["question"], _refusal(ctx, self.refusals, i)) for i in idx])
+        return _build(ctx, fe, self._retain_rows(ctx, ridx))
+
+    def loss(self, ctx, model, prep):
+        b = _on_device(ctx, prep.batch)
+        n = prep.n_primary
+        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        nll = _mean_nll(lp[:n], mask[:n])
+        logs = {"train/idk_nll": float(nll.detach())}
+        return self._add_retain(nll, lp, mask, n, logs), logs
+
+
+@dataclass
+class IdkDPOConfig:
+    beta: float = opt(0.1, "beta (open-unlearning DPO: 0.1)", gt=0.0)
+    retain_weight: float = opt(1.0, "lambda: weight of the retain NLL (open-unlearning alpha: 1.0)", min=0.0)
+    refusals: str = opt("tofu:idontknow", _REFUSALS_HELP)
+
+    def validate(self) -> None:
+        _load_refusals(self.refusals)
+
+
+class IdkDPO(_Baseline):
+    """Rows: n (question, refusal) = preferred, n (question, forget answer) = rejected, then retain."""
+
+    name = "idkdpo"
+
+    def __init__(self, cfg: IdkDPOConfig):
+        super().__init__(cfg)
+        self.ref = None
+        self.info: dict = {}
+
+    def setup(self, ctx):
+        self.refusals = _load_refusals(self.cfg.refusals)
+        self.ref = load_reference(ctx)
+        self.info = {"reference_model_bytes": model_bytes(self.ref), "reference_model": "kept on the device for the whole run"}
+
+    def prepare(self, ctx, idx, ridx):
+        win = _encode(ctx, [(ctx.primary[i]["question"], _refusal(ctx, self.refusals, i)) for i in idx])
+        return _build(ctx, win + self._forget_rows(ctx, idx), self._retain_rows(ctx, ridx))
+
+    def loss(self, ctx, model, prep):
+        b = _on_device(ctx, prep.batch)
+        n2 = prep.n_primary
+        n = n2 // 2
+        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        s = lp[:n2].sum(1)  # [2n]: refusals, then forget answers
+        with torch.no_grad():
+            s_ref = token_logprobs(_logits(self.ref, _rows(b, 0, n2)), b["labels"][:n2])[0].sum(1)
+        forget = dpo_loss(s[:n], s_ref[:n], s[n:], s_ref[n:], self.cfg.beta)
+        logs = {"train/forget_loss": float(forget.detach()),
+                "train/idk_nll": float(_mean_nll(lp[:n], mask[:n]).detach()),
+                "train/forget_nll": float(_mean_nll(lp[n:n2], mask[n:n2]).detach())}
+        return self._add_retain(forget, lp, mask, n2, logs), logs
+
+    def manifest_info(self) -> dict:
+        return dict(self.info)
+
+
+# ----- RMU ---------------------------------------------------------------------------------------
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of transformer blocks of a causal LM (Llama/Mistral/Qwen/Phi: model.layers; GPT-2: transformer.h)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers"):
+        obj = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise UserError(f"rmu: cannot find the decoder layers of {type(base).__name__}; RMU supports models with "
+                    "model.layers (Llama, Mistral, Qwen, Phi) or transformer.h (GPT-2)")
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to skip the layers after the steered one."""
+
+
+def layer_output(model, layer: torch.nn.Module, b: dict[str, torch.Tensor], stop: bool) -> torch.Tensor:
+    """Output of `layer` (the residual stream after it) for batch b, [B, T, D]; stop=True skips later layers."""
+    got: list[torch.Tensor] = []
+
+    def hook(_mod, _args, out):
+        if not got:
+            got.append(out[0] if isinstance(out, tuple) else out)
+            if stop:
+                raise _Stop
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return got[0]
+
+
+@dataclass
+class RMUConfig:
+    layer: int = opt(-1, "decoder layer (0-based) whose output is steered; -1: the middle one, num_layers // 2", min=-1)
+    update_layers: int = opt(3, "train weights in this many layers ending at `layer` (WMDP: 3, layers 5-7 for layer 7)", min=1)
+    update_params: str = opt("mlp.down_proj", "comma-separated parts of the weight names trained in those layers (WMDP: the MLP down projection)")
+    steering_coeff: float = opt(0.0, "c: forget activations are pushed toward c x u, u a fixed random unit vector "
+                                     "(WMDP: 6.5 for Zephyr-7B); 0: auto, steering_scale x the starting model's mean "
+                                     "activation norm on the forget answers at `layer`", min=0.0)
+    steering_scale: float = opt(2.0, "with steering_coeff 0: c = steering_scale x that mean norm", gt=0.0)
+    retain_weight: float = opt(100.0, "alpha: weight of the retain activation MSE (WMDP: 1200 for Zephyr-7B); "
+                                      "100 is a starting point for 100M-1B models, see docs/methods.md", min=0.0)
+
+
+class RMU(_Baseline):
+    """Representation misdirection (Li et al. 2024, WMDP), on answer tokens as in open-unlearning."""
+
+    name = "rmu"
+
+    def __init__(self, cfg: RMUConfig):
+        super().__init__(cfg)
+        self.ref = None
+        self.layer_idx: int | None = None
+        self.trainable: list[str] = []
+        self.c: float = 0.0
+        self.u: torch.Tensor | None = None
+        self.info: dict = {}
+
+    def _resolve_layer(self, n_layers: int) -> int:
+        L = n_layers // 2 if self.cfg.layer == -1 else self.cfg.layer
+        if not 0 <= L < n_layers:
+            raise UserError(f"rmu.layer={self.cfg.layer}: the model has {n_layers} decoder layers (0..{n_layers - 1})")
+        return L
+
+    def configure_model(self, model) -> None:
+        """Freeze every weight but the chosen MLP weights. The loop calls this before it builds the
+        optimizer and wraps the model, so AdamW, DDP and checkpoints see only these weights."""
+        layers = decoder_layers(model)
+        L = self._resolve_layer(len(layers))
+        parts = [p.strip() for p in self.cfg.update_params.split(",") if p.strip()]
+        keep: dict[int, str] = {}
+        for i in range(max(0, L - self.cfg.update_layers + 1), L + 1):
+            for name, p in layers[i].named_parameters():
+                if p.requires_grad and any(part in name for part in parts):
+                    keep[id(p)] = f"layers.{i}.{name}"
+        if not keep:
+            raise UserError(f"rmu.update_params={self.cfg.update_params!r}: no trainable weight of layers "
+                            f"{max(0, L - self.cfg.update_layers + 1)}..{L} matches (with LoRA, the adapters must "
+                            "target these modules)")
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+        self.layer_idx, self.trainable = L, sorted(keep.values())
+
+    def setup(self, ctx):
+        raw = ctx.raw_model
+        if self.layer_idx is None:
+            # Without the loop's configure_model hook: freeze now. AdamW skips weights without
+            # gradients, so the update is the same (one process only; DDP needs the hook).
+            log.warning("rmu: configure_model was not called before the optimizer was built; freezing weights in setup")
+            self.configure_model(raw)
+        L = self.layer_idx
+        ref = load_reference(ctx)
+        layers = decoder_layers(ref)
+        del layers[L + 1:]  # the reference is only ever run up to layer L: drop the rest (memory)
+        self.ref, self.ref_layer = ref, layers[L]
+        # c: explicit, or relative to the starting model's activation norm on the forget answers
+        if self.cfg.steering_coeff > 0:
+            self.c = float(self.cfg.steering_coeff)
+            norm = None
+        else:
+            norm = self._mean_norm(ctx)
+            self.c = self.cfg.steering_scale * norm
+        d = raw.config.hidden_size
+        g = torch.Generator().manual_seed(derive_seed(ctx.cfg.train.seed, "rmu"))
+        u = torch.rand(d, generator=g)  # uniform in [0, 1)^d, then unit norm (as in WMDP / open-unlearning)
+        self.u = (u / u.norm()).to(ctx.device)
+        self.info = {"reference_model_bytes": model_bytes(ref),
+                     "reference_model": f"layers 0..{L} kept on the device (the rest dropped)",
+                     "rmu_layer": L, "rmu_trainable": self.trainable, "rmu_steering_coeff": self.c,
+                     "rmu_mean_activation_norm": norm}
+        log.info("rmu: steering layer %d with c=%.4g, training %d weights", L, self.c, len(self.trainable))
+
+    def _mean_norm(self, ctx) -> float:
+        total, count = 0.0, 0
+        n, bs = len(ctx.primary), max(1, ctx.cfg.train.batch_size)
+        with torch.no_grad(), _autocast(ctx):
+            for a in range(0, min(n, 256), bs):
+                b = _on_device(ctx, collate_train(self._forget_rows(ctx, list(range(a, min(n, a + bs)))),
+                                                  ctx.tokenizer.pad_token_id))
+                h = layer_output(self.ref, self.ref_layer, b, stop=True).float()
+                m = b["labels"] != IGNORE
+                total += float(h.norm(dim=-1)[m].sum())
+                count += int(m.sum())
+        return total / max(1, count)
+
+    def loss(self, ctx, model, prep):
+        b = _on_device(ctx, prep.batch)
+        n = prep.n_primary
+        mask = b["labels"] != IGNORE  # [B, T] answer positions
+        raw = ctx.raw_model
+        # Skipping the layers after L is safe with one process and no gradient checkpointing; under DDP
+        # the full forward keeps the reducer's bookkeeping intact.
+        stop = ctx.accelerator.num_processes == 1 and not ctx.cfg.model.gradient_checkpointing
+        acts = layer_output(model, decoder_layers(raw)[self.layer_idx], b, stop=stop)  # [B, T, D]
+        forget = masked_mse(acts[:n], self.c * self.u, mask[:n])
+        logs = {"train/forget_loss": float(forget.detach()),
+                "train/forget_act_norm": float(acts[:n].float().norm(dim=-1)[mask[:n]].mean().detach())}
+        loss = forget
+        if acts.shape[0] > n:
+            with torch.no_grad():
+                ref_acts = layer_output(self.ref, self.ref_layer, _rows(b, n), stop=True)
+            retain = masked_mse(acts[n:], ref_acts, mask[n:])
+            logs["train/retain_loss"] = float(retain.detach())
+            loss = loss + self.cfg.retain_weight * retain
+        return loss, logs
+
+    def manifest_info(self) -> dict:
+        return dict(self.info)
+
+
+# ----- retain-only fine-tuning -------------------------------------------------------------------
+
+def matched_train_seconds(run_dir: str | Path) -> float:
+    """Training wall time of a finished run: manifest.json phases_s.train."""
+    p = Path(run_dir).expanduser() / "manifest.json"
+    if not p.exists():
+        raise UserError(f"retain_ft.match_run={run_dir}: no manifest.json there; pass the output folder of a finished run")
+    try:
+        man = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"retain_ft.match_run={run_dir}: manifest.json is not valid JSON ({e.msg})") from e
+    if man.get("status") != "completed":
+        raise UserError(f"retain_ft.match_run={run_dir}: that run is {man.get('status')!r}, not completed; finish it first")
+    t = man.get("phases_s", {}).get("train")
+    if not isinstance(t, (int, float)) or t <= 0:
+        raise UserError(f"retain_ft.match_run={run_dir}: manifest.json has no phases_s.train time")
+    return float(t)
+
+
+@dataclass
+class RetainFTConfig:
+    match_run: str = opt("", "folder of a finished run (e.g. PMC) whose training wall time (manifest.json "
+                             "phases_s.train) becomes train.max_time_s; empty: train.max_time_s / train.epochs as given")
+
+    def validate(self) -> None:
+        if self.match_run:
+            matched_train_seconds(self.match_run)
+
+
+class RetainFT(Method):
+    """Fine-tune on retain pairs only (one per forget index, as drawn by the loop); forget rows are ignored."""
+
+    name = "retain_ft"
+    uses_primary_answers = False
+
+    def __init__(self, cfg: RetainFTConfig):
+        super().__init__(cfg)
+        self.info: dict = {}
+
+    def setup(self, ctx):
+        if self.cfg.match_run:
+            t = matched_train_seconds(self.cfg.match_run)
+            if ctx.cfg.train.max_time_s and ctx.cfg.train.max_time_s != t:
+                log.warning("retain_ft.match_run overrides train.max_time_s=%s with %.1f s", ctx.cfg.train.max_time_s, t)
+            ctx.cfg.train.max_time_s = t
+            self.info = {"matched_run": str(self.cfg.match_run)}
+        self.info["train_max_time_s"] = ctx.cfg.train.max_time_s
+
+    def prepare(self, ctx, idx, ridx):
+        ex = _encode(ctx, [(ctx.retain[j]["question"], ctx.retain[j]["answer"]) for j in ridx])
+        return _build(ctx, ex, [])
+
+    def loss(self, ctx, model, prep):
+        b = _on_device(ctx, prep.batch)
+        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        nll = _mean_nll(lp, mask)
+        return nll, {"train/retain_nll": float(nll.detach())}
+
+    def manifest_info(self) -> dict:
+        return dict(self.info)
+
+
+BASELINES: dict[str, tuple[type[Method], type]] = {
+    "ga": (GradientAscent, GAConfig),
+    "gd": (GradientDifference, GDConfig),
+    "npo": (NPO, NPOConfig),
+    "simnpo": (SimNPO, SimNPOConfig),
+    "idk": (IdkNLL, IdkConfig),
+    "idkdpo": (IdkDPO, IdkDPOConfig),
+    "rmu": (RMU, RMUConfig),
+    "retain_ft": (RetainFT, RetainFTConfig),
+}

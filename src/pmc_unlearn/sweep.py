@@ -1,0 +1,515 @@
+"""Sweeps: many (unlearn, evaluate) points from one YAML file; resumable; Pareto plots at the end.
+
+The sweep file (full example: configs/sweep-example.yaml, docs/methods.md):
+
+    base:     sections model / data / train, as in an `unlearn --config` file; every point gets them
+    grid:     {section.key: [values, ...]}  shared axes: every combination, applied to every method block
+    methods:  {name: {set: {section.key: value}, grid: {section.key: [values]}}}  one block per method;
+              a method's own section (npo.beta) may appear only in its block, so the config loader
+              never sees npo.* on a pmc point. A block key replaces the shared axis of the same name.
+    points:   [{method: name, section.key: value, ...}]  extra single points
+    eval:     settings of `evaluate` (forget_split, retain_records, max_examples, ...)
+
+A point's config = built-in defaults < base < shared-grid combination < block `set` < block-grid
+combination (or < the point's own keys). Every point is validated (config, data, model, eval
+settings, retain records) before anything runs or is written; bad input is a UserError.
+
+Each point is one `trainer.train` then one `evaluation.api.evaluate`, in DIR/points/<id>/ where
+id = method + a hash of the point's resolved run config (so editing the sweep file keeps the
+finished points that did not change). Finished points (point.json present, same eval settings)
+are skipped; a point whose run crashed resumes from its last checkpoint; an interrupted
+evaluation resumes from its records. Points run one after another in this process, or with
+several GPUs one worker process per GPU, each taking every N-th point (`devices`).
+
+Output: DIR/points.jsonl (one line per point of the sweep, in sweep order: id, label, method,
+params, config, train facts, eval summary), DIR/pareto.png and DIR/pareto.svg (two panels:
+unlearn quality vs utility, forget quality (log) vs model utility; see plots.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pmc_unlearn.config import RunConfig, build_section, load_config, opt
+from pmc_unlearn.errors import TrainingDiverged, UserError
+
+log = logging.getLogger(__name__)
+
+TOP_KEYS = ("base", "grid", "methods", "points", "eval")
+BLOCK_KEYS = ("set", "grid")
+RUN_SECTIONS = ("model", "data", "train")
+POINTS_FILE = "points.jsonl"
+POINT_FILE = "point.json"
+SWEEP_COPY = "sweep.yaml"
+
+
+@dataclass
+class EvalSettings:
+    forget_split: str = opt("", "TOFU forget split to evaluate on (forget01/05/10); empty: taken from each point's "
+                                "data.forget when it is tofu:forgetXX")
+    retain_records: str | None = opt(None, "the retain model's records.jsonl, its eval folder, or open-unlearning's "
+                                           "TOFU_EVAL.json (for forget quality); null: forget quality is reported as null")
+    max_examples: int = opt(0, "only the first N examples of each split (0: all); for smoke tests", min=0)
+    max_new_tokens: int = opt(200, "greedy generation limit (200 in both references)", min=1)
+    batch_size: int = opt(8, "examples per evaluation batch", min=1)
+    retain_sample: str = opt("perturbed", "retain sample of the PMC utility U", choices=("perturbed", "rng400"))
+    dtype: str = opt("float32", "weights dtype when loading the model for evaluation", choices=("float32", "bfloat16"))
+
+
+@dataclass
+class Point:
+    id: str
+    label: str
+    method: str
+    params: dict[str, Any]  # the keys this point sets on top of `base` (dotted)
+    cfg: RunConfig
+    forget_split: str
+
+
+@dataclass
+class Sweep:
+    source: Path
+    points: list[Point]
+    eval: EvalSettings
+
+    @property
+    def eval_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.eval)
+
+
+# ----- reading and validating the sweep file -----------------------------------------------------
+
+def _dotted(where: str, key: Any) -> tuple[str, str]:
+    if not isinstance(key, str) or key.count(".") < 1 or key.startswith(".") or key.endswith("."):
+        raise UserError(f"sweep {where}: key {key!r} must be written section.key (e.g. train.lr)")
+    sec, k = key.split(".", 1)
+    return sec, k
+
+
+def _check_keys(where: str, keys, method: str | None) -> None:
+    """Sections a key may name at this place: model/data/train, and the block's own method."""
+    for key in keys:
+        sec, _ = _dotted(where, key)
+        if sec in RUN_SECTIONS or sec == method:
+            continue
+        if method is None:
+            raise UserError(f"sweep {where}: {key} is not a model/data/train key; method settings belong in "
+                            f"methods.<name>.set or methods.<name>.grid (here: methods.{sec})")
+        raise UserError(f"sweep {where}: {key} is for method {sec}, but this block is method {method}; "
+                        f"move it to methods.{sec}")
+
+
+def _grid(where: str, grid: Any) -> list[dict[str, Any]]:
+    """{key: [values]} -> every combination as a list of {key: value} (one empty dict for no axes)."""
+    if grid is None:
+        return [{}]
+    if not isinstance(grid, dict):
+        raise UserError(f"sweep {where}: expected a mapping of section.key: [values]")
+    for k, vals in grid.items():
+        if not isinstance(vals, list) or not vals:
+            raise UserError(f"sweep {where}.{k}: give a non-empty list of values (a single value goes in `set`)")
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, v in flat.items():
+        sec, k = key.split(".", 1)
+        out.setdefault(sec, {})[k] = v
+    return out
+
+
+def _fmt_value(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _label(method: str, params: dict[str, Any]) -> str:
+    parts = [f"{k.removeprefix(method + '.')}={_fmt_value(v)}" for k, v in params.items()]
+    return " ".join([method, *parts])
+
+
+def point_id(cfg: RunConfig) -> str:
+    blob = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    return f"{cfg.method}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def infer_forget_split(cfg: RunConfig) -> str | None:
+    """forget01 from data.forget = tofu:forget01 (or locuslab/TOFU:forget01); None otherwise."""
+    src = cfg.data.forget
+    for prefix in ("tofu:", "locuslab/TOFU:"):
+        if src.startswith(prefix):
+            split = src[len(prefix):]
+            if split in ("forget01", "forget05", "forget10"):
+                return split
+    return None
+
+
+def parse_sweep(raw: Any, source: Path) -> tuple[list[tuple[str, dict[str, Any], str]], dict, dict]:
+    """The sweep file -> [(method, params, where)], base sections, eval values. Structure checks only."""
+    if not isinstance(raw, dict):
+        raise UserError(f"sweep {source}: expected a mapping with keys {', '.join(TOP_KEYS)}")
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise UserError(f"sweep {source}: unknown top-level key {unknown[0]!r}; known: {', '.join(TOP_KEYS)}")
+    base = raw.get("base") or {}
+    if not isinstance(base, dict):
+        raise UserError("sweep base: expected sections model / data / train as mappings")
+    for sec, vals in base.items():
+        if sec == "method":
+            raise UserError("sweep base: `method` is chosen per block (methods: {name: ...}); drop it from base")
+        if sec not in RUN_SECTIONS:
+            raise UserError(f"sweep base: section {sec!r} is not model/data/train; method settings belong in methods.{sec}.set")
+        if not isinstance(vals, dict):
+            raise UserError(f"sweep base.{sec}: expected a mapping of key: value")
+    shared = raw.get("grid") or {}
+    _check_keys("grid", list(shared) if isinstance(shared, dict) else [], None)
+    shared_combos = _grid("grid", shared)
+
+    from pmc_unlearn.config import METHOD_CONFIGS
+
+    import pmc_unlearn.methods  # noqa: F401  (registers the methods)
+
+    def check_method(where: str, m: Any) -> str:
+        if not isinstance(m, str) or m not in METHOD_CONFIGS:
+            raise UserError(f"sweep {where}: unknown method {m!r}; choose one of {', '.join(sorted(METHOD_CONFIGS))}")
+        if m == "sft":
+            raise UserError(f"sweep {where}: sft is plain fine-tuning, not unlearning; use `pmc-unlearn finetune`")
+        return m
+
+    specs: list[tuple[str, dict[str, Any], str]] = []
+    methods = raw.get("methods") or {}
+    if not isinstance(methods, dict):
+        raise UserError("sweep methods: expected a mapping of method name -> block ({set: ..., grid: ...})")
+    for name, block in methods.items():
+        m = check_method(f"methods.{name}", name)
+        block = block or {}
+        if not isinstance(block, dict):
+            raise UserError(f"sweep methods.{name}: expected a mapping with `set` and/or `grid`")
+        bad = sorted(set(block) - set(BLOCK_KEYS))
+        if bad:
+            raise UserError(f"sweep methods.{name}: unknown key {bad[0]!r}; a block has `set` (fixed keys) and `grid` (lists)")
+        fixed = block.get("set") or {}
+        if not isinstance(fixed, dict):
+            raise UserError(f"sweep methods.{name}.set: expected a mapping of section.key: value")
+        own = block.get("grid") or {}
+        _check_keys(f"methods.{name}.set", fixed, m)
+        _check_keys(f"methods.{name}.grid", list(own) if isinstance(own, dict) else [], m)
+        own_combos = _grid(f"methods.{name}.grid", own)
+        replaced = set(fixed) | set(own)  # block keys replace shared axes of the same name
+        seen: list[dict] = []
+        for sc in shared_combos:
+            sc = {k: v for k, v in sc.items() if k not in replaced}
+            if sc in seen:
+                continue
+            seen.append(sc)
+            for oc in own_combos:
+                specs.append((m, {**sc, **fixed, **oc}, f"methods.{name}"))
+    points = raw.get("points") or []
+    if not isinstance(points, list):
+        raise UserError("sweep points: expected a list of {method: name, section.key: value, ...}")
+    for i, p in enumerate(points):
+        where = f"points[{i}]"
+        if not isinstance(p, dict) or "method" not in p:
+            raise UserError(f"sweep {where}: expected a mapping with `method` and section.key: value entries")
+        m = check_method(where, p["method"])
+        params = {k: v for k, v in p.items() if k != "method"}
+        _check_keys(where, params, m)
+        specs.append((m, params, where))
+    if not specs:
+        raise UserError(f"sweep {source}: no points; add a `methods` block or a `points` list")
+    ev = raw.get("eval") or {}
+    if not isinstance(ev, dict):
+        raise UserError("sweep eval: expected a mapping of evaluation settings")
+    return specs, base, ev
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read the sweep file and validate every point (config, data, model) and the eval settings."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"--config {path}: file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"--config {path}: not valid YAML ({e})") from e
+    specs, base, ev_raw = parse_sweep(raw, p)
+    ev = build_section(EvalSettings, "eval", ev_raw)
+
+    points: list[Point] = []
+    by_id: dict[str, str] = {}
+    for method, params, where in specs:
+        label = _label(method, params)
+        sections = {sec: dict(vals) for sec, vals in base.items()}
+        for sec, vals in _nest(params).items():
+            sections.setdefault(sec, {}).update(vals)
+        try:
+            cfg = load_config(method=method, extra=sections)
+        except UserError as e:
+            raise UserError(f"sweep {where}, point '{label}': {e}") from None
+        pid = point_id(cfg)
+        if pid in by_id:
+            raise UserError(f"sweep {where}: point '{label}' has the same config as '{by_id[pid]}'; drop one")
+        by_id[pid] = label
+        split = ev.forget_split or infer_forget_split(cfg)
+        if not split:
+            raise UserError(f"sweep {where}, point '{label}': data.forget={cfg.data.forget} is not a TOFU forget split; "
+                            "set eval.forget_split to the split to evaluate on")
+        points.append(Point(pid, label, method, params, cfg, split))
+    sweep = Sweep(p, points, ev)
+    _validate_inputs(sweep)
+    return sweep
+
+
+def _validate_inputs(sweep: Sweep) -> None:
+    """Data, model and evaluation inputs of every point, each distinct one checked once."""
+    from pmc_unlearn.evaluation.collect import tofu_suite
+    from pmc_unlearn.methods import METHODS
+    from pmc_unlearn.models import check_causal_lm
+    from pmc_unlearn.trainer import load_data
+
+    seen_data, seen_models, seen_splits = set(), set(), {}
+    for pt in sweep.points:
+        method = METHODS[pt.method](pt.cfg.method_cfg)
+        dkey = (json.dumps(dataclasses.asdict(pt.cfg.data), sort_keys=True), method.uses_primary_answers, method.uses_retain)
+        try:
+            if dkey not in seen_data:
+                load_data(pt.cfg, method)
+                seen_data.add(dkey)
+            if pt.cfg.model.name not in seen_models:
+                check_causal_lm(pt.cfg.model.name)
+                seen_models.add(pt.cfg.model.name)
+        except UserError as e:
+            raise UserError(f"sweep point '{pt.label}': {e}") from None
+        if pt.forget_split not in seen_splits:
+            seen_splits[pt.forget_split] = tofu_suite(pt.forget_split, sweep.eval.retain_sample,
+                                                      sweep.eval.max_examples or None)
+    if sweep.eval.retain_records:
+        from pmc_unlearn.data import load_rows
+        from pmc_unlearn.evaluation.reference import check_reference, read_reference
+
+        try:
+            ref = read_reference(sweep.eval.retain_records)
+            for split, specs in seen_splits.items():
+                items = next(s for s in specs if s.name == "forget").items
+                check_reference(ref, split, items, len(load_rows(f"tofu:{split}_perturbed")))
+        except UserError as e:
+            raise UserError(f"sweep eval.retain_records: {e}") from None
+
+
+# ----- running -----------------------------------------------------------------------------------
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _numeric(summary: dict) -> dict[str, float | None]:
+    """The summary's metrics (numbers and nulls; strings and settings left out)."""
+    skip = ("time_", "version_", "n_examples_")
+    return {k: v for k, v in summary.items()
+            if (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))) and not k.startswith(skip)}
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
+    """Train (or resume) and evaluate one point; returns its point.json record. Skips finished work."""
+    pdir = out / "points" / pt.id
+    run_dir, eval_dir, done = pdir / "run", pdir / "eval", pdir / POINT_FILE
+    prev = _read_json(done)
+    if prev and (prev.get("status") == "diverged" or prev.get("eval_settings") == sweep.eval_dict):
+        log.info("point %s (%s): finished, skipped", pt.id, pt.label)
+        return prev
+    pdir.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"id": pt.id, "label": pt.label, "method": pt.method, "params": pt.params,
+                              "forget_split": pt.forget_split, "config": pt.cfg.to_dict(),
+                              "eval_settings": sweep.eval_dict,
+                              "run_dir": str(run_dir.relative_to(out)), "eval_dir": str(eval_dir.relative_to(out))}
+
+    # 1. train: fresh, resumed after a crash, or already done
+    man = _read_json(run_dir / "manifest.json")
+    status = man.get("status") if man else None
+    if status not in ("completed", "diverged"):
+        resume = status is not None
+        if not resume and run_dir.exists():
+            shutil.rmtree(run_dir)  # no manifest: nothing written worth keeping
+        log.info("point %s (%s): %s", pt.id, pt.label, "resuming its run" if resume else "training")
+        from pmc_unlearn.trainer import train
+
+        try:
+            train(pt.cfg, run_dir, resume=resume, command=["pmc-unlearn", "sweep", str(sweep.source), pt.id])
+        except TrainingDiverged as e:
+            log.warning("point %s (%s) diverged: %s", pt.id, pt.label, e)
+        finally:
+            _free_memory()
+        man = _read_json(run_dir / "manifest.json") or {}
+    phases = man.get("phases_s", {})
+    record["train"] = {"status": man.get("status"), "train_s": phases.get("train"), "wall_time_s": man.get("wall_time_s"),
+                       "steps": man.get("steps"), "planned_steps": man.get("planned_steps"),
+                       "stopped_by_time_limit": man.get("stopped_by_time_limit"),
+                       "method_info": man.get("method_info", {})}
+    if man.get("status") != "completed":
+        record.update(status="diverged", summary={})
+        _write_json(done, record)
+        return record
+
+    # 2. evaluate (resumes from its records; new settings start over)
+    settings_file = pdir / "eval_settings.json"
+    overwrite = _read_json(settings_file) not in (None, sweep.eval_dict)
+    _write_json(settings_file, sweep.eval_dict)
+    from pmc_unlearn.evaluation.api import evaluate
+    from pmc_unlearn.evaluation.collect import EVAL_FORMAT
+    from pmc_unlearn.formatting import PromptFormat
+    from pmc_unlearn.models import saved_prompt_format
+
+    saved = saved_prompt_format(str(run_dir / "model"))
+    fmt = EVAL_FORMAT if not saved else PromptFormat(use_chat_template=saved["use_chat_template"],
+                                                     system_prompt=saved["system_prompt"], max_length=EVAL_FORMAT.max_length)
+    ev = sweep.eval
+    t = time.perf_counter()
+    try:
+        summary = evaluate(str(run_dir / "model"), pt.forget_split, eval_dir, retain_records=ev.retain_records,
+                           require_forget_quality=bool(ev.retain_records), max_examples=ev.max_examples or None,
+                           batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, dtype=ev.dtype,
+                           retain_sample=ev.retain_sample, fmt=fmt, overwrite=overwrite, progress=False)
+    finally:
+        _free_memory()
+    record.update(status="done", eval_s=round(time.perf_counter() - t, 3), summary=_numeric(summary))
+    _write_json(done, record)
+    log.info("point %s (%s): UQ=%s U=%s FQ=%s MU=%s", pt.id, pt.label, *(summary.get(k) for k in
+             ("unlearn_quality", "utility", "forget_quality", "model_utility")))
+    return record
+
+
+def flat_points(records: list[dict]) -> list[dict]:
+    """points.jsonl rows -> plain dicts for plots.save_pareto: method, label and every summary metric."""
+    return [{"method": r["method"], "label": r.get("label"), **r.get("summary", {})}
+            for r in records if r.get("status") == "done"]
+
+
+def finalize(sweep: Sweep, out: Path) -> list[dict]:
+    """points.jsonl (the sweep's points in order, finished ones) and the Pareto plots."""
+    from pmc_unlearn.plots import save_pareto
+
+    records = [r for pt in sweep.points if (r := _read_json(out / "points" / pt.id / POINT_FILE))]
+    tmp = out / (POINTS_FILE + ".tmp")
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+    os.replace(tmp, out / POINTS_FILE)
+    save_pareto(flat_points(records), out / "pareto",
+                suptitle=f"{sweep.source.name}: {sum(r.get('status') == 'done' for r in records)} of {len(sweep.points)} points")
+    return records
+
+
+def parse_devices(spec: str) -> list[str] | None:
+    """'auto' -> every visible GPU when there are several, else None (run here); 'cpu' -> None; '0,1' -> ['0', '1']."""
+    spec = spec.strip()
+    if spec == "cpu":
+        return None
+    if spec == "auto":
+        try:
+            import torch
+
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except ImportError:
+            n = 0
+        return [str(i) for i in range(n)] if n > 1 else None
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts or not all(p.isdigit() for p in parts) or len(set(parts)) != len(parts):
+        raise UserError(f"--devices {spec}: write auto, cpu, or distinct CUDA device indices like 0,1,2")
+    return parts
+
+
+def _child_visible(dev: str) -> str:
+    """CUDA_VISIBLE_DEVICES for a worker: index `dev` among the devices this process sees."""
+    parent = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if parent:
+        lst = [x.strip() for x in parent.split(",") if x.strip()]
+        if int(dev) >= len(lst):
+            raise UserError(f"--devices: index {dev} but CUDA_VISIBLE_DEVICES={parent} shows {len(lst)} devices")
+        return lst[int(dev)]
+    return dev
+
+
+def run_workers(sweep: Sweep, out: Path, devices: list[str]) -> None:
+    """One worker process per device (CUDA_VISIBLE_DEVICES=that device), each running every N-th point."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    n = len(devices)
+    procs = []
+    for k, dev in enumerate(devices):
+        cmd = [sys.executable, "-m", "pmc_unlearn", "sweep", "--config", str(sweep.source), "--output", str(out),
+               "--worker", f"{k}/{n}"]
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": _child_visible(dev)}
+        f = (logs / f"worker-{k}.log").open("a")
+        log.info("worker %d/%d on device %s: %d points, log in %s", k, n, dev, len(sweep.points[k::n]), f.name)
+        procs.append((k, subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT), f))
+    failed = []
+    for k, proc, f in procs:
+        rc = proc.wait()
+        f.close()
+        if rc != 0:
+            failed.append(k)
+    if failed:
+        tail = (logs / f"worker-{failed[0]}.log").read_text().splitlines()[-5:]
+        raise RuntimeError(f"sweep workers {failed} failed (see {logs}); rerun the same command to resume. "
+                           f"Last lines of worker {failed[0]}: " + " | ".join(tail))
+
+
+def check_output(out: Path) -> None:
+    """A sweep folder is new, empty, or an earlier sweep's (which is then resumed)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out}: is a file; pass a folder")
+    if out.exists() and any(out.iterdir()) and not (out / SWEEP_COPY).exists():
+        raise UserError(f"--output {out}: folder is not empty and holds no {SWEEP_COPY}; choose a new folder")
+
+
+def run_sweep(sweep: Sweep, out: Path, devices: list[str] | None = None, worker: tuple[int, int] | None = None) -> list[dict]:
+    """Run every unfinished point (this worker's share when `worker` = (k, n)); then, unless a
+    worker, write points.jsonl and the plots. Returns the records of the sweep's finished points."""
+    out.mkdir(parents=True, exist_ok=True)
+    if worker is not None:
+        k, n = worker
+        for pt in sweep.points[k::n]:
+            run_point(sweep, pt, out)
+        return []
+    shutil.copyfile(sweep.source, out / SWEEP_COPY)
+    if devices:
+        run_workers(sweep, out, devices)
+    else:
+        for i, pt in enumerate(sweep.points, 1):
+            log.info("sweep point %d of %d: %s", i, len(sweep.points), pt.label)
+            run_point(sweep, pt, out)
+    return finalize(sweep, out)
