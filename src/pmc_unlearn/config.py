@@ -69,6 +69,8 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", min=0.0)
     bf16: bool = opt(True, "bf16 autocast for forward/backward (fp32 master weights); about 1.6x faster on CPUs with AVX-512 bf16")
     max_time_s: float = opt(0.0, "stop after this much training wall time in seconds (0: no limit); e.g. retain_ft for the same time as a PMC run", min=0.0)
+    sampler: str = opt("fast", "sampling backend: fast (our decode loop: prefill once per prompt, no full-vocab sort), "
+                        "hf (plain transformers generate), vllm (optional extra)", choices=("fast", "hf", "vllm"))
     seed: int = opt(0, "seed for data order, retain draws and sampling (all derived deterministically)")
     save_every: int = opt(0, "checkpoint every N optimizer steps (0: at the end of every epoch)", min=0)
     keep_checkpoints: int = opt(1, "how many checkpoints to keep", min=1)

@@ -201,7 +201,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
     samples_log = rundir.JsonlWriter(out / "samples.jsonl", enabled=main)
     step_log = rundir.JsonlWriter(out / "log.jsonl", enabled=main)
     use_bf16 = cfg.train.bf16 and acc.device.type in ("cpu", "cuda")
-    sampler = SAMPLERS["hf"](tok, batch_rows=getattr(cfg.method_cfg, "sample_batch_rows", 64), bf16=use_bf16)
+    sampler = SAMPLERS[cfg.train.sampler](tok, batch_rows=getattr(cfg.method_cfg, "sample_batch_rows", 64), bf16=use_bf16)
     ctx = RunContext(cfg, model, tok, fmt, primary, retain, acc, sampler, write_samples=samples_log.write)
 
     step, micro_done = 0, 0
