@@ -1,0 +1,695 @@
+"""`pmc-unlearn demo`: the whole unlearning story on a small model, as cached, resumable stages.
+
+The pipeline (one folder per stage under the demo folder, each with a `stage.json`):
+
+    data/                 the TOFU subset: target.jsonl (retain + forget authors), retain.jsonl
+    runs/target           fine-tune the base model on retain + forget authors   (the model to unlearn)
+    runs/retain           fine-tune the base model on the retain authors only   (the gold standard)
+    eval/retain           evaluate the retain model (its forget truth ratios are forget quality's reference)
+    eval/target, eval/base
+    runs/pmc  -> eval/pmc   unlearn the forget authors from the target with PMC
+    runs/npo  -> eval/npo   ... and with the baselines, when registered in `methods.METHODS`
+    runs/gd   -> eval/gd
+    attacks/<model>       the attack suite (`pmc_unlearn.attacks.run_attacks`), when importable
+    report.html, report.md
+
+Caching: every stage has a key, a hash of its own resolved settings and of the keys of the
+stages it reads (a fine-tune's key covers its config and the bytes of its data; an evaluation's
+covers the model stage's key, the evaluation settings and the retain model's evaluation key). A
+stage whose `stage.json` holds the same key and status "done" is skipped; a different key
+clears the folder and redoes the stage, and so every stage downstream of it (their keys change
+too). An interrupted stage (same key, status "running") resumes: training from its last
+checkpoint (`trainer.train(..., resume=True)`), evaluation from its records.jsonl.
+
+Evaluation ("utility" on a subset). TOFU's utility splits assume a model fine-tuned on all 200
+authors; a model fine-tuned on a few authors knows nothing of `tofu:retain_perturbed` in general.
+The demo therefore takes its retain authors from the first authors of TOFU, whose rows *are*
+`tofu:retain_perturbed`'s (TOFU authors 0-19, with their paraphrased and perturbed answers), and
+evaluates the retain split only on those rows: questions the target model learned beside the
+forget authors. Utility then asks "did unlearning keep the facts it should keep?", with both
+metric families intact (truth ratios need the perturbed answers). Real authors and world facts
+measure general knowledge as in TOFU. The forget split is TOFU's own (`forget01_perturbed`, its
+paraphrases and perturbed answers), and the holdout split for membership inference too.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from pmc_unlearn.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEMO_VERSION = 1  # bump when a stage's meaning changes: every cached stage is redone
+PROFILES = ("quick", "default")  # shown in --help; "test" (tiny-random, seconds) is for the test suite
+PROFILE_KEYS = {"description", "model", "authors", "finetune", "unlearn", "evaluate", "attacks", "report"}
+EVAL_KEYS = {"max_new_tokens", "batch_size", "forget", "retain", "real_authors", "world_facts", "holdout"}
+BASELINES = ("npo", "gd")
+STAGE_FILE = "stage.json"
+DEMO_FILE = "demo.json"
+AUTHOR_SIZE = 20
+
+
+# ----------------------------------------------------------------------------- profiles
+
+def profile_path(name: str) -> Path:
+    """A profile name (quick, default, test) or a YAML file."""
+    p = Path(name).expanduser()
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise UserError(f"--profile {name}: file not found")
+        return p
+    f = Path(str(resources.files("pmc_unlearn") / "configs" / f"demo-{name}.yaml"))
+    if not f.exists():
+        raise UserError(f"--profile {name}: unknown profile; choose one of {', '.join(PROFILES)} or pass a YAML file")
+    return f
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"override {dotted}: '{k}' is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def load_profile(name: str = "default", overrides: list[str] | None = None) -> dict[str, Any]:
+    """The profile as a dict, with `a.b.c=value` overrides applied (values parsed as YAML)."""
+    path = profile_path(name)
+    try:
+        prof = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"--profile {name}: not valid YAML ({e})") from e
+    if not isinstance(prof, dict):
+        raise UserError(f"--profile {name}: expected a mapping")
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override '{item}': write it as section.key=value (e.g. unlearn.pmc.train.epochs=6)")
+        k, v = item.split("=", 1)
+        try:
+            val = yaml.safe_load(v)
+        except yaml.YAMLError as e:
+            raise UserError(f"override '{item}': not a valid value") from e
+        if k.split(".")[0] not in PROFILE_KEYS:
+            raise UserError(f"override '{item}': unknown profile section '{k.split('.')[0]}'; "
+                            f"known: {', '.join(sorted(PROFILE_KEYS))}")
+        _set_dotted(prof, k.strip(), val)
+    prof["profile"] = path.stem.removeprefix("demo-")
+    validate_profile(prof)
+    return prof
+
+
+def validate_profile(p: dict[str, Any]) -> None:
+    unknown = set(p) - PROFILE_KEYS - {"profile"}
+    if unknown:
+        raise UserError(f"demo profile: unknown key '{sorted(unknown)[0]}'; known: {', '.join(sorted(PROFILE_KEYS))}")
+    for sec in ("authors", "finetune", "unlearn", "evaluate"):
+        if not isinstance(p.get(sec), dict):
+            raise UserError(f"demo profile: section '{sec}' is missing or not a mapping")
+    nf = p["authors"].get("forget")
+    if nf is not None and (not isinstance(nf, int) or nf < 1):
+        raise UserError(f"authors.forget={nf!r}: the number of forget-split authors to use (>= 1), or leave it out for all")
+    n = p["authors"].get("retain")
+    if not isinstance(n, int) or not 1 <= n <= 20:
+        raise UserError(f"authors.retain={n!r}: give the number of retain authors, 1 to 20 (TOFU authors 0..19 "
+                        "are the ones tofu:retain_perturbed evaluates)")
+    if p["authors"].get("forget_split") not in ("forget01", "forget05", "forget10"):
+        raise UserError(f"authors.forget_split={p['authors'].get('forget_split')!r}: choose forget01, forget05 or forget10")
+    if "pmc" not in p["unlearn"]:
+        raise UserError("demo profile: unlearn.pmc is missing (the demo is about PMC)")
+    bad = set(p["evaluate"]) - EVAL_KEYS
+    if bad:
+        raise UserError(f"evaluate.{sorted(bad)[0]}: unknown key; known: {', '.join(sorted(EVAL_KEYS))}")
+    for k in EVAL_KEYS:
+        v = p["evaluate"].get(k)
+        if not isinstance(v, int) or v < 1:
+            raise UserError(f"evaluate.{k}={v!r}: must be a positive integer")
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class DemoData:
+    """The TOFU subset of a demo: files written under data/ and the evaluation items."""
+
+    target_file: Path
+    retain_file: Path
+    forget_source: str  # tofu:forgetXX (the forget questions, with answers for the baselines)
+    retain_authors: list[int]
+    forget_authors: list[int]
+    retain_eval_index: list[int]  # rows of tofu:retain_perturbed that belong to the retain authors
+    digest: str  # hash of both files' bytes
+    n_forget: int  # forget questions: the first n_forget rows of the forget split
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def prepare_data(profile: dict[str, Any], root: Path) -> DemoData:
+    """Write data/target.jsonl and data/retain.jsonl (question, answer, author) for the profile."""
+    from pmc_unlearn.data import load_rows
+
+    full = load_rows("tofu:full")
+    fsplit = profile["authors"]["forget_split"]
+    frows = load_rows(f"tofu:{fsplit}")
+    n_forget = profile["authors"].get("forget")
+    if n_forget is not None:  # only the first N authors of the forget split (20 rows each, in order)
+        frows = frows[: n_forget * AUTHOR_SIZE]
+    forget_q = {r["question"] for r in frows}
+    forget_idx = [i for i, r in enumerate(full) if r["question"] in forget_q]
+    forget_authors = sorted({i // AUTHOR_SIZE for i in forget_idx})
+    retain_authors = list(range(profile["authors"]["retain"]))
+    clash = set(retain_authors) & set(forget_authors)
+    if clash:
+        raise UserError(f"authors.retain={len(retain_authors)}: overlaps the {fsplit} authors {sorted(clash)}; use fewer")
+    retain_idx = [a * AUTHOR_SIZE + j for a in retain_authors for j in range(AUTHOR_SIZE)]
+
+    def row(i: int) -> dict:
+        return {"question": full[i]["question"], "answer": full[i]["answer"], "author": i // AUTHOR_SIZE, "tofu_full_row": i}
+
+    d = root / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    target = [row(i) for i in sorted(retain_idx + forget_idx)]
+    retain = [row(i) for i in retain_idx]
+    _write_jsonl(d / "target.jsonl", target)
+    _write_jsonl(d / "retain.jsonl", retain)
+    author_of = {r["question"]: r["author"] for r in retain}
+    rp = load_rows("tofu:retain_perturbed")
+    by_author: dict[int, list[int]] = {}
+    for i, r in enumerate(rp):
+        if r["question"] in author_of:
+            by_author.setdefault(author_of[r["question"]], []).append(i)
+    # round-robin over the retain authors, so a cut (evaluate.retain) covers all of them
+    cols = [by_author[a] for a in sorted(by_author)]
+    eval_idx = [c[k] for k in range(max(map(len, cols), default=0)) for c in cols if k < len(c)]
+    h = hashlib.sha256()
+    for f in ("target.jsonl", "retain.jsonl"):
+        h.update((d / f).read_bytes())
+    return DemoData(d / "target.jsonl", d / "retain.jsonl", f"tofu:{fsplit}", retain_authors, forget_authors,
+                    eval_idx, h.hexdigest()[:16], len(frows))
+
+
+# ----------------------------------------------------------------------------- evaluation on the subset
+
+def demo_suite(forget_split: str, retain_index: list[int], sizes: dict[str, int]):
+    """TOFU's evaluation splits, cut to the profile's sizes; the retain split keeps only the retain authors' rows.
+
+    Items keep their index in the TOFU file they come from (and the split's source string), so
+    records are shared with full evaluations through the evaluation cache.
+    """
+    from pmc_unlearn.evaluation import collect as C
+    from pmc_unlearn.evaluation import metrics as M
+
+    specs = C.tofu_suite(forget_split, "perturbed", None)
+    limit = {M.FORGET: sizes["forget"], M.FORGET_PARA: sizes["forget"], M.RETAIN: sizes["retain"],
+             M.REAL_AUTHORS: sizes["real_authors"], M.WORLD_FACTS: sizes["world_facts"], M.HOLDOUT: sizes["holdout"]}
+    for s in specs:
+        if s.name == M.RETAIN:  # the retain authors' rows, in the order given (round-robin over authors)
+            by_index = {it.index: it for it in s.items}
+            items = [by_index[i] for i in retain_index if i in by_index]
+        else:
+            items = s.items
+        s.items = items[: limit.get(s.name, len(items))]
+    return specs
+
+
+def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | None, self_reference: bool = False,
+                    max_new_tokens: int = 48, batch_size: int = 16, progress: bool = True,
+                    notes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Collect records for `specs` (resuming from out/records.jsonl), aggregate, write summary.json.
+
+    `reference` is the retain model's records (forget quality, PrivLeak); `self_reference` uses
+    this model's own records (the retain model itself: forget quality 1 by definition).
+    """
+    from pmc_unlearn.evaluation import collect as C
+    from pmc_unlearn.evaluation import metrics as M
+    from pmc_unlearn.evaluation.api import _versions
+    from pmc_unlearn.evaluation.reference import read_reference
+    from pmc_unlearn.formatting import PromptFormat
+    from pmc_unlearn.models import fingerprint, load_model, saved_prompt_format
+
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    lm = load_model(model)
+    lm.model.eval()
+    fp = fingerprint(lm.model)
+    fmt = C.EVAL_FORMAT
+    saved = saved_prompt_format(model)
+    if saved:  # the prompt format the model was trained with (the base model: the tokenizer's template)
+        fmt = PromptFormat(saved["use_chat_template"], saved["system_prompt"], C.EVAL_FORMAT.max_length)
+    t_load = time.time() - t0
+    t1 = time.time()
+    records = C.collect_records(lm.model, lm.tokenizer, specs, fmt, C.GenSettings(max_new_tokens), batch_size,
+                                records_path=out / "records.jsonl", model_fingerprint=fp, progress=progress)
+    t_collect = time.time() - t1
+    C.write_records(records, out / "records.jsonl")
+    ref = read_reference(out / "records.jsonl") if self_reference else (read_reference(reference) if reference else None)
+    summary = M.summarize(records, ref, require_forget_quality=False)
+    summary.update({
+        "model_name": model, "model_fingerprint": fp, "forget_split": specs[0].source.removeprefix("tofu:").removesuffix("_perturbed"),
+        **{f"n_examples_{s.name}": len(s.items) for s in specs},
+        "max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": batch_size,
+        "prompt_chat_template": fmt.use_chat_template, "prompt_system": fmt.system_prompt,
+        "time_load_s": round(t_load, 3), "time_collect_s": round(t_collect, 3),
+        **(notes or {}), **_versions(),
+    })
+    from pmc_unlearn.evaluation.export import _clean
+
+    summary = _clean(summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ----------------------------------------------------------------------------- stages
+
+def check_output(root: Path) -> None:
+    """Refuse a folder that holds something other than a demo: stages clear their own subfolders."""
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--output {root}: is a file; pass a folder (created when missing)")
+    if root.is_dir() and any(root.iterdir()) and not (root / DEMO_FILE).exists() and not (root / "data").is_dir():
+        raise UserError(f"--output {root}: folder is not empty and holds no demo ({DEMO_FILE}); choose a new folder")
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stage:
+    name: str  # e.g. "unlearn/pmc"
+    kind: str  # finetune | unlearn | eval | attacks
+    dir: Path
+    key: str
+    run: Callable[[bool], dict[str, Any]]  # resume -> info stored in stage.json
+    est_s: float
+    needs: list[str] = field(default_factory=list)  # stages that must be done first
+    optional: bool = False  # a failure is noted, the demo goes on
+    skip_reason: str | None = None  # set when the stage cannot run in this build
+
+
+def read_stage(d: Path) -> dict[str, Any]:
+    try:
+        return json.loads((d / STAGE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _fmt_s(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in (b or {}).items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+# Rough seconds per unit of work on a 2-core CPU for the stage-line ETA (scaled at run time by how
+# the finished stages compared with their estimates).
+_RATE = {"train_example": 0.6, "sample_token": 0.004, "gen_token": 0.006, "nll_seq": 0.12, "fixed": 8.0}
+
+
+class Demo:
+    """Builds the stage list for a profile and runs it (see the module docstring)."""
+
+    def __init__(self, profile: dict[str, Any], root: Path, progress: bool = True, stream=None):
+        self.p = profile
+        self.root = Path(root)
+        self.progress = progress
+        self.stream = stream or sys.stderr
+        self.stages: list[Stage] = []
+        self.notes: list[str] = []
+
+    # ----- building -----------------------------------------------------------------------------
+    def _cfg(self, method: str, sections: dict, model: str, forget: str, retain: str | None):
+        from pmc_unlearn.commands.finetune import FINETUNE_DEFAULTS
+        from pmc_unlearn.config import load_config
+
+        extra = _deep_merge(sections, {"model": {"name": model}, "data": {"forget": forget, **({"retain": retain} if retain else {})}})
+        return load_config(None, None, method=method, extra=extra,
+                           defaults=FINETUNE_DEFAULTS if method == "sft" else None)
+
+    def _normal(self, cfg) -> dict:
+        """The resolved config with paths inside the demo folder made relative (keys do not depend on where it lives)."""
+        d = cfg.to_dict()
+        root = str(self.root.resolve())
+        for sec in ("model", "data"):
+            for k, v in d[sec].items():
+                if isinstance(v, str) and v.startswith(root):
+                    d[sec][k] = os.path.relpath(v, root)
+        return d
+
+    def build(self) -> list[Stage]:
+        from pmc_unlearn.data import load_rows
+        from pmc_unlearn.methods import METHODS
+
+        check_output(self.root)
+        p, root = self.p, self.root.resolve()
+        data = prepare_data(p, root)
+        self.data = data
+        base = p["model"]
+        ev = p["evaluate"]
+        specs = demo_suite(p["authors"]["forget_split"], data.retain_eval_index,
+                           {**ev, "forget": min(ev["forget"], data.n_forget)})
+        self.specs = specs
+        suite_key = digest([(s.name, s.source, [it.index for it in s.items]) for s in specs])
+        n_target = sum(1 for _ in data.target_file.open())
+        n_retain = sum(1 for _ in data.retain_file.open())
+        stages: list[Stage] = []
+
+        def train_est(cfg, n_rows: int, sampling: bool = False) -> float:
+            t = cfg.train
+            n = min(n_rows, cfg.data.max_forget or n_rows)
+            ex = n * t.epochs if t.max_steps < 0 else min(n * t.epochs, t.max_steps * t.batch_size * t.grad_accum)
+            est = _RATE["fixed"] + ex * _RATE["train_example"] * (2 if cfg.method != "sft" else 1)
+            if sampling:
+                m = cfg.method_cfg
+                est += ex * m.n_samples * m.max_new_tokens * _RATE["sample_token"] + n * m.max_new_tokens * _RATE["sample_token"]
+            return est
+
+        def eval_est() -> float:
+            n_gen = sum(len(s.items) for s in specs if s.generate)
+            n_nll = sum(len(s.items) * (1 + (1 if s.items and s.items[0].para_answer else 0) +
+                                        len(s.items[0].pert_answers or []) if s.items else 0) for s in specs if s.nll)
+            return _RATE["fixed"] + n_gen * ev["max_new_tokens"] * _RATE["gen_token"] + n_nll * _RATE["nll_seq"]
+
+        # fine-tuning: target and retain model
+        ft = p["finetune"]
+        models: dict[str, tuple[str, str | None]] = {"base": (base, None)}  # name -> (model path, producing stage)
+        for name, f, n in (("target", data.target_file, n_target), ("retain", data.retain_file, n_retain)):
+            cfg = self._cfg("sft", ft, base, str(f), None)
+            key = digest({"v": DEMO_VERSION, "cfg": self._normal(cfg), "data": data.digest})
+            d = root / "runs" / name
+            stages.append(Stage(f"finetune/{name}", "finetune", d, key, self._train_runner(cfg, d), train_est(cfg, n)))
+            models[name] = (str(d / "model"), f"finetune/{name}")
+
+        # unlearning methods (PMC first; baselines when registered)
+        keys = {s.name: s.key for s in stages}
+        unlearned: list[str] = []
+        for m, sections in p["unlearn"].items():
+            d = root / "runs" / m
+            name = f"unlearn/{m}"
+            if sections is False or (sections is None and m != "pmc"):
+                self.notes.append(f"{m}: turned off in the profile (unlearn.{m}: null)")
+                continue
+            if m not in METHODS:
+                note = (f"{m}: not available in this build (pmc_unlearn.methods.METHODS has "
+                        f"{', '.join(sorted(METHODS))}); skipped")
+                stages.append(Stage(name, "unlearn", d, "", lambda resume: {}, 0.0, optional=True, skip_reason=note))
+                continue
+            sections = dict(sections or {})
+            if data.n_forget < len(load_rows(data.forget_source)):
+                sections = _deep_merge({"data": {"max_forget": data.n_forget}}, sections)
+            try:
+                cfg = self._cfg(m, sections, models["target"][0], data.forget_source, str(data.retain_file))
+            except UserError as e:
+                if m == "pmc":
+                    raise
+                stages.append(Stage(name, "unlearn", d, "", lambda resume: {}, 0.0, optional=True,
+                                    skip_reason=f"{m}: the profile's settings do not fit this method ({e}); skipped"))
+                continue
+            key = digest({"v": DEMO_VERSION, "cfg": self._normal(cfg), "target": keys["finetune/target"], "data": data.digest})
+            stages.append(Stage(name, "unlearn", d, key, self._train_runner(cfg, d),
+                                train_est(cfg, data.n_forget, sampling=(m == "pmc")),
+                                needs=["finetune/target"], optional=(m != "pmc")))
+            models[m] = (str(d / "model"), name)
+            unlearned.append(m)
+            keys[name] = key
+
+        # evaluation: the retain model first (its records are forget quality's reference)
+        from pmc_unlearn.evaluation.collect import SCHEMA_VERSION
+
+        eval_common = {"v": DEMO_VERSION, "records_schema": SCHEMA_VERSION, "suite": suite_key,
+                       "max_new_tokens": ev["max_new_tokens"]}
+        order = ["retain", "target", "base"] + unlearned
+        eval_keys: dict[str, str] = {}
+        by_name = {s.name: s for s in stages}
+        for mname in order:
+            path, producer = models[mname]
+            upstream = keys.get(producer) if producer else f"alias:{path}"
+            ref = None if mname == "retain" else eval_keys["retain"]
+            key = digest({**eval_common, "model": upstream, "reference": ref})
+            d = root / "eval" / mname
+            needs = ([producer] if producer else []) + ([] if mname == "retain" else ["eval/retain"])
+            opt_ = bool(producer and by_name[producer].optional)
+            stages.append(Stage(f"eval/{mname}", "eval", d, key,
+                                self._eval_runner(path, d, None if mname == "retain" else root / "eval" / "retain" / "records.jsonl",
+                                                  self_reference=(mname == "retain"), role=mname),
+                                eval_est(), needs=needs, optional=opt_))
+            eval_keys[mname] = key
+            keys[f"eval/{mname}"] = key
+
+        # attacks on the target and the unlearned models
+        at = p.get("attacks") or {}
+        if at.get("enabled", True):
+            wanted = at.get("models") or ["target"] + unlearned
+            for mname in [x for x in ["target"] + unlearned if x in wanted]:
+                path, producer = models[mname]
+                key = digest({"v": DEMO_VERSION, "model": keys[producer], "attacks": at})
+                d = root / "attacks" / mname
+                stages.append(Stage(f"attacks/{mname}", "attacks", d, key, self._attack_runner(path, d, mname),
+                                    _RATE["fixed"] + len(at.get("names") or [1] * 6) * eval_est() / 4
+                                    * at.get("max_examples", 20) / max(1, ev["forget"]),
+                                    needs=[producer], optional=True))
+        else:
+            self.notes.append("attacks: disabled by the profile (attacks.enabled: false)")
+        self.stages = stages
+        return stages
+
+    # ----- runners --------------------------------------------------------------------------------
+    def _train_runner(self, cfg, d: Path) -> Callable[[bool], dict]:
+        def run(resume: bool) -> dict:
+            from pmc_unlearn.trainer import train
+
+            man = train(cfg, d, resume=resume, command=["pmc-unlearn", "demo", f"--profile={self.p['profile']}"])
+            # The final model is saved: checkpoints only served resuming (1-2 GB each for a 135M model).
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)
+            return {"wall_time_s": man.get("wall_time_s"), "steps": man.get("steps"), "phases_s": man.get("phases_s")}
+
+        return run
+
+    def _eval_runner(self, model: str, d: Path, reference: Path | None, self_reference: bool, role: str):
+        def run(resume: bool) -> dict:
+            ev = self.p["evaluate"]
+            s = evaluate_subset(model, self.specs, d, reference=reference, self_reference=self_reference,
+                                max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"], progress=self.progress,
+                                notes={"demo_role": role, "retain_split_note": (
+                                    f"tofu:retain_perturbed rows of the retain author(s) {self.data.retain_authors} "
+                                    "(TOFU author indices), facts the target learned beside the forget authors")})
+            return {k: s.get(k) for k in ("unlearn_quality", "utility", "forget_quality", "model_utility",
+                                          "forget_rougeL_recall", "retain_rougeL_recall", "time_collect_s")}
+
+        return run
+
+    def _attack_runner(self, model: str, d: Path, role: str):
+        def run(resume: bool) -> dict:
+            return run_attack_suite(model, d, self.p["authors"]["forget_split"], self.p.get("attacks") or {},
+                                    self.p["evaluate"]["batch_size"], self.progress)
+
+        return run
+
+    # ----- running --------------------------------------------------------------------------------
+    def _line(self, msg: str) -> None:
+        print(msg, file=self.stream, flush=True)
+
+    def run(self) -> dict[str, Any]:
+        t_start = time.time()
+        check_output(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.stages:
+            self.build()
+        stages = self.stages
+        status: dict[str, str] = {}
+        ratio_num = ratio_den = 0.0  # measured vs estimated time of stages that ran here
+        demo = {"profile": self.p["profile"], "profile_settings": {k: v for k, v in self.p.items() if k != "profile"},
+                "demo_version": DEMO_VERSION, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "load_avg_start": list(os.getloadavg()), "stages": [], "notes": list(self.notes),
+                "data": {"retain_authors": self.data.retain_authors, "forget_authors": self.data.forget_authors,
+                         "target_rows": sum(1 for _ in self.data.target_file.open()),
+                         "retain_rows": sum(1 for _ in self.data.retain_file.open()),
+                         "retain_eval_rows": len([s for s in self.specs if s.name == "retain"][0].items)}}
+        from pmc_unlearn.rundir import hardware, versions
+
+        demo["versions"], demo["hardware"] = versions(), hardware()
+
+        def save() -> None:
+            _write_json(self.root / DEMO_FILE, demo)
+
+        n = len(stages)
+        for i, st in enumerate(stages, 1):
+            remaining = sum(s.est_s for s in stages[i - 1:] if status.get(s.name) is None)
+            scale = ratio_num / ratio_den if ratio_den else 1.0
+            elapsed = time.time() - t_start
+            head = f"[demo {i}/{n}] {st.name}"
+            entry: dict[str, Any] = {"name": st.name, "kind": st.kind, "dir": os.path.relpath(st.dir, self.root), "key": st.key}
+            if st.skip_reason:
+                status[st.name] = "skipped"
+                self._line(f"{head}: skipped ({st.skip_reason})")
+                demo["notes"].append(st.skip_reason)
+                demo["stages"].append({**entry, "status": "skipped", "note": st.skip_reason})
+                save()
+                continue
+            blocked = [x for x in st.needs if status.get(x) not in ("done", "cached")]
+            if blocked:
+                note = f"{st.name}: skipped because {', '.join(blocked)} did not finish"
+                status[st.name] = "skipped"
+                self._line(f"{head}: skipped (needs {', '.join(blocked)})")
+                demo["stages"].append({**entry, "status": "skipped", "note": note})
+                save()
+                continue
+            meta = read_stage(st.dir)
+            if meta.get("key") == st.key and meta.get("status") == "done":
+                status[st.name] = "cached"
+                self._line(f"{head}: cached (key {st.key}, took {_fmt_s(meta.get('time_s', 0))} when run)")
+                demo["stages"].append({**entry, "status": "cached", "time_s": meta.get("time_s"),
+                                       "load_avg": meta.get("load_avg_end")})
+                save()
+                continue
+            resume = meta.get("key") == st.key and meta.get("status") in ("running", "failed", "interrupted")
+            if not resume and st.dir.exists():
+                shutil.rmtree(st.dir)
+            st.dir.mkdir(parents=True, exist_ok=True)
+            prev = float(meta.get("time_s", 0.0)) if resume else 0.0
+            self._line(f"{head}: {'resuming' if resume else 'running'} (est. {_fmt_s(st.est_s * scale)}; "
+                       f"demo elapsed {_fmt_s(elapsed)}, ETA ~{_fmt_s(remaining * scale)})")
+            rec = {"name": st.name, "key": st.key, "status": "running", "time_s": prev,
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_avg_start": list(os.getloadavg()),
+                   "resumes": int(meta.get("resumes", 0)) + (1 if resume else 0)}
+            _write_json(st.dir / STAGE_FILE, rec)
+            t = time.time()
+            try:
+                info = st.run(resume)
+                state = "done"
+            except KeyboardInterrupt:
+                rec.update(status="interrupted", time_s=round(prev + time.time() - t, 3))
+                _write_json(st.dir / STAGE_FILE, rec)
+                demo["stages"].append({**entry, "status": "interrupted"})
+                save()
+                raise
+            except Exception as e:  # noqa: BLE001 - an optional stage's failure of any kind is noted, not fatal
+                if not st.optional:
+                    rec.update(status="failed", error=f"{type(e).__name__}: {e}", time_s=round(prev + time.time() - t, 3))
+                    _write_json(st.dir / STAGE_FILE, rec)
+                    demo["stages"].append({**entry, "status": "failed", "note": str(e)})
+                    save()
+                    raise
+                info, state = {"error": f"{type(e).__name__}: {e}"}, "failed"
+                log.warning("%s failed: %s", st.name, e)
+            dt = time.time() - t
+            rec.update(status=state, time_s=round(prev + dt, 3), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       load_avg_end=list(os.getloadavg()), info=info)
+            if state == "done" and info.get("skipped"):
+                rec["status"] = state = "skipped"  # e.g. no attack suite in this build: try again next time
+            _write_json(st.dir / STAGE_FILE, rec)
+            status[st.name] = state
+            if state == "done" and not resume and dt > 0.2 * st.est_s:  # (a stage served from the eval cache says nothing)
+                ratio_num += dt
+                ratio_den += st.est_s
+            note = info.get("note") or info.get("error")
+            self._line(f"{head}: {state} in {_fmt_s(dt)} (load {os.getloadavg()[0]:.1f})" + (f"; {note}" if note else ""))
+            if note and state != "done":
+                demo["notes"].append(f"{st.name}: {note}")
+            demo["stages"].append({**entry, "status": state, "time_s": rec["time_s"], "load_avg": rec["load_avg_end"],
+                                   **({"note": note} if note else {})})
+            save()
+
+        # the report (always rebuilt: cheap); the demo's wall time is known before it is written
+        demo["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        demo["wall_time_s"] = round(time.time() - t_start, 3)
+        demo["load_avg_end"] = list(os.getloadavg())
+        save()
+        t = time.time()
+        from pmc_unlearn.report import build_report
+
+        out = build_report([self.root], self.root / "report.html")
+        demo["report_s"] = round(time.time() - t, 3)
+        save()
+        self._line(f"[demo] done in {_fmt_s(demo['wall_time_s'])}: {out['html']} and {out['md']}")
+        return demo
+
+
+# ----------------------------------------------------------------------------- attacks (optional module)
+
+def run_attack_suite(model: str, out: Path, forget_split: str, settings: dict[str, Any], batch_size: int,
+                     progress: bool = True) -> dict[str, Any]:
+    """Call `pmc_unlearn.attacks.run_attacks` when the build has it; a note (and no failure) otherwise.
+
+    The call passes only the arguments its signature names (model, forget split, output folder,
+    sizes), so the demo keeps working while the attack suite's interface settles.
+    """
+    try:
+        from pmc_unlearn.attacks import run_attacks  # type: ignore[attr-defined]
+    except ImportError as e:
+        return {"skipped": True, "note": f"attack suite not available in this build ({e}); skipped"}
+    sig = inspect.signature(run_attacks)
+    offered = {
+        "model": model, "model_name": model, "forget_split": forget_split,
+        "output_dir": out, "output": out, "out": out, "out_dir": out,
+        "max_examples": settings.get("max_examples"), "max_new_tokens": settings.get("max_new_tokens"),
+        "batch_size": batch_size, "progress": progress, "attacks": settings.get("names"),
+        "settings": settings.get("settings"),
+    }
+    kwargs = {k: v for k, v in offered.items() if k in sig.parameters and v is not None}
+    missing = [n for n, prm in sig.parameters.items()
+               if prm.default is inspect.Parameter.empty and prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY)
+               and n not in kwargs]
+    if missing:
+        return {"skipped": True, "note": f"run_attacks needs arguments the demo does not know ({', '.join(missing)}); skipped"}
+    result = run_attacks(**kwargs)
+    if not (out / "attacks.json").exists() and isinstance(result, dict):
+        _write_json(out / "attacks.json", result)
+    return {"attacks_json": str(out / "attacks.json")}
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def run_demo(profile: str = "default", output: str | Path = "demo_out", overrides: list[str] | None = None,
+             progress: bool = True, stream=None) -> dict[str, Any]:
+    prof = load_profile(profile, overrides)
+    demo = Demo(prof, Path(output), progress=progress, stream=stream)
+    demo.build()
+    return demo.run()
+
+
+def plan(profile: str = "default", overrides: list[str] | None = None) -> dict[str, Any]:
+    """What a demo would run (profile settings and stages); writes only the small data files."""
+    import tempfile
+
+    prof = load_profile(profile, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Demo(prof, Path(tmp))
+        d.build()
+        return {"profile": prof, "stages": [{"name": s.name, "key": s.key, "est_s": round(s.est_s),
+                                             **({"skip": s.skip_reason} if s.skip_reason else {})} for s in d.stages]}
+
+
+__all__ = ["Demo", "Stage", "demo_suite", "evaluate_subset", "load_profile", "plan", "prepare_data", "run_demo"]
