@@ -1,0 +1,119 @@
+"""Shared helpers for the benchmarks: machine facts, load, child processes, medians, tables.
+
+Every benchmark runs each measurement in a fresh child process (so peak RSS belongs to one
+configuration and no cache or copy from an earlier run helps a later one), interleaves the
+configurations within each repetition (rotating their order), and reports medians. The load
+average before and after, and each child's CPU time / wall time, say how busy the machine was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    e.setdefault("HF_HUB_OFFLINE", "1")
+    e.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return e
+
+
+def loadavg() -> str:
+    a, b, c = os.getloadavg()
+    return f"{a:.2f} {b:.2f} {c:.2f}"
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    except (OSError, StopIteration):
+        bf16 = False
+    import transformers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "avx512_bf16": bf16,
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def run_child(script: str, spec: dict, timeout: float = 3600) -> dict:
+    """Run `python script --child JSON`; the child prints one JSON line prefixed by RESULT."""
+    cmd = [PY, str(ROOT / "bench" / script), "--child", json.dumps(spec)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"child {spec} failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+
+
+def emit(result: dict) -> None:
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def median(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def matmul_rates(M: int = 256, reps: int = 5) -> dict[str, float]:
+    """GFLOP/s of this machine's fp32 and bf16 matmuls, measured now (the largest over a few shapes).
+
+    Shapes: the model's own linear layers at M rows (576->1536, 1536->576, 576->49152 for
+    SmolLM2) and a 1024^3 square; the best of them is the rate the ceiling uses.
+    """
+    import torch
+
+    out = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        best = 0.0
+        for m, k, n in ((M, 576, 1536), (M, 1536, 576), (M, 576, 49152), (1024, 1024, 1024)):
+            a, w = torch.randn(m, k, dtype=dt), torch.randn(n, k, dtype=dt)
+            torch.nn.functional.linear(a, w)
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                torch.nn.functional.linear(a, w)
+                ts.append(time.perf_counter() - t)
+            best = max(best, 2 * m * k * n / statistics.median(ts) / 1e9)
+        out[name] = best
+    return out

@@ -1,0 +1,130 @@
+"""Sampler throughput: the fast backend against plain `generate` on TOFU forget questions.
+
+    python bench/sampler.py                      # defaults below: ~10 min on 2 cores
+    python bench/sampler.py --questions 8 --reps 1 --max-new-tokens 32   # a quick look
+
+Same prompts (TOFU forget questions through the library's prompt formatting: chat template),
+same model (smollm2-135m, fp32 weights as the trainer holds them), same n, temperature, top-k,
+top-p and new-token limit for every configuration:
+- `hf`: `HFSampler` = `model.generate(num_return_sequences=n)` in chunks of `rows` rows (the
+  library's previous and only path; bf16 = autocast, as the trainer runs it);
+- `fast`: `FastSampler` (prefill once per prompt, exact top-k/top-p without a vocabulary sort,
+  finished rows dropped; bf16 = a bf16 copy of the weights);
+- `vllm`: `VLLMSampler` when vLLM is installed (`--configs vllm:256`).
+
+Tokens/s counts generated tokens that are kept (up to and including EOS); `generate`'s work on
+rows that already finished is not counted. Fraction of ceiling = tokens/s x FLOPs/token / the
+matmul rate measured in the same child just before the run (best of the model's own linear
+shapes and a 1024^3 square, fp32 or bf16). FLOPs/token = 2 x the weights of every linear layer
+(LM head included); attention's own FLOPs (small at these lengths) are left out.
+Each measurement runs in a fresh process; configurations are interleaved within each repetition
+(order rotated); ratios are medians of per-repetition ratios against `hf` of the same dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def child(spec: dict) -> None:
+    import torch
+
+    from pmc_unlearn.data import load_qa
+    from pmc_unlearn.formatting import PromptFormat, prompt_ids
+    from pmc_unlearn.models import load_model
+    from pmc_unlearn.sampler import SAMPLERS
+
+    lm = load_model(spec["model"])
+    model, tok = lm.model, lm.tokenizer
+    model.train()  # as the trainer hands it over
+    rows = load_qa(f"tofu:{spec['split']}", require_answers=False, role="forget")[: spec["questions"]]
+    prompts = [prompt_ids(tok, r["question"], PromptFormat()) for r in rows]
+    backend, batch_rows, *opts = spec["config"].split(":")
+    extra = {k: json.loads(v) for k, v in (o.split("=", 1) for o in opts)}  # e.g. drop_frac=0.25
+    sampler = SAMPLERS[backend](tok, batch_rows=int(batch_rows), bf16=spec["dtype"] == "bf16", **extra)
+    kw = dict(temperature=spec["temperature"], top_p=spec["top_p"], top_k=spec["top_k"])
+    sampler.sample(model, prompts[:1], 1, max_new_tokens=4, seed=1, **kw)  # warm-up (bf16 copy, oneDNN kernels)
+    flops = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    rates = C.matmul_rates()
+    rss0 = C.rss_mb()
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = sampler.sample(model, prompts, spec["n"], max_new_tokens=spec["max_new_tokens"], seed=spec["seed"], **kw)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    comps = [c for r in res for c in r]
+    tokens = sum(len(c.ids) for c in comps)
+    C.emit({"wall_s": wall, "cpu_s": cpu, "tokens": tokens, "tok_s": tokens / wall,
+            "truncated": sum(c.truncated for c in comps) / len(comps), "flops_per_token": flops,
+            "rate_gflops": rates, "rss_before_mb": rss0, "peak_rss_mb": C.peak_rss_mb(),
+            "ceiling_frac": tokens / wall * flops / (rates[spec["dtype"]] * 1e9),
+            "mean_len": tokens / len(comps)})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--child")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--split", default="forget10", help="TOFU forget split the questions come from")
+    ap.add_argument("--questions", type=int, default=16)
+    ap.add_argument("--n", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="PMC's default limit")
+    ap.add_argument("--temperature", type=float, default=1.25)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--configs", default="hf:64,fast:64,fast:256",
+                    help="backend:batch_rows[:option=json...], comma-separated, the baseline first "
+                         "(e.g. fast:256:drop_frac=1.0 never drops finished rows)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write all measurements here")
+    a = ap.parse_args()
+    if a.child:
+        return child(json.loads(a.child))
+
+    configs = a.configs.split(",")
+    runs = [(d, c) for d in a.dtypes.split(",") for c in configs]
+    info = C.machine()
+    load0 = C.loadavg()
+    print(f"# machine: {info}\n# load before: {load0}", flush=True)
+    results: dict[tuple, list] = {r: [] for r in runs}
+    for rep in range(a.reps):
+        order = runs[rep % len(runs):] + runs[: rep % len(runs)]
+        for dtype, config in order:
+            spec = {"model": a.model, "split": a.split, "questions": a.questions, "n": a.n, "seed": a.seed + rep,
+                    "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p,
+                    "top_k": a.top_k, "dtype": dtype, "config": config}
+            r = C.run_child("sampler.py", spec)
+            results[(dtype, config)].append(r)
+            print(f"rep {rep} {dtype:4s} {config:9s} {r['tok_s']:7.1f} tok/s  {r['wall_s']:6.1f} s  "
+                  f"cpu/wall {r['cpu_s'] / r['wall_s']:.2f}  peak {r['peak_rss_mb']:.0f} MB  load {C.loadavg()}", flush=True)
+    load1 = C.loadavg()
+    rows = []
+    for dtype, config in runs:
+        rs = results[(dtype, config)]
+        base = results[(dtype, configs[0])]
+        ratios = [r["tok_s"] / b["tok_s"] for r, b in zip(rs, base)]
+        rows.append([config.replace(":", " ", 1).replace(":", " "), dtype, C.median(r["tok_s"] for r in rs), f"{C.median(ratios):.2f}x",
+                     f"{100 * C.median(r['ceiling_frac'] for r in rs):.0f}%",
+                     C.median(r["rate_gflops"][dtype] for r in rs), C.median(r["peak_rss_mb"] for r in rs),
+                     C.median(r["cpu_s"] / r["wall_s"] for r in rs), C.median(r["mean_len"] for r in rs),
+                     f"{100 * C.median(r['truncated'] for r in rs):.0f}%"])
+    fpt = results[runs[0]][0]["flops_per_token"]
+    print(f"\n{a.questions} questions of tofu:{a.split} x n={a.n}, max_new_tokens={a.max_new_tokens}, "
+          f"T={a.temperature}, top_p={a.top_p}, top_k={a.top_k}; {a.reps} interleaved reps, medians; "
+          f"{fpt / 1e9:.3f} GFLOP/token; load avg before {load0}, after {load1}\n")
+    print(C.table(["sampler x rows", "dtype", "tok/s", f"vs {configs[0]}", "of ceiling", "matmul GFLOP/s",
+                   "peak RSS MB", "cpu/wall", "tokens/sample", "truncated"], rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "machine": info, "load_before": load0, "load_after": load1,
+                                            "runs": {f"{d}|{c}": v for (d, c), v in results.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
