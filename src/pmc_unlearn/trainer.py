@@ -321,7 +321,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
             group, group_len, tokens, t_step = [], 0, 0, time.perf_counter()
             end_of_epoch = j == plan.micro_per_epoch - 1
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or (not cfg.train.save_every and end_of_epoch) or step == total:
-                with timer("checkpoint"):
+                with timer("train/checkpoint"):  # inside "train": a sub-phase, not added to wall time
                     checkpoint()
     bar.close()
     if stopped_early:
