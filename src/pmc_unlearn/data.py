@@ -177,6 +177,30 @@ def load_qa(
     return out
 
 
+def read_jsonl_dicts(path: Path, warn: bool = False) -> list[Row]:
+    """Objects of an append-only JSON-lines file (records, logs); a line cut by a killed write is skipped."""
+    import logging
+
+    if not path.exists():
+        return []
+    out: list[Row] = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                if warn:
+                    logging.getLogger(__name__).warning(
+                        "%s: skipping an incomplete line (a run was interrupted while writing)", path)
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+    return out
+
+
 def overlap_report(forget: list[Row], retain: list[Row]) -> tuple[int, int]:
     """(duplicate questions within forget, forget questions also present in retain)."""
     fq = [r["question"].strip() for r in forget]

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from pmc_unlearn.data import TOFU_SPLITS, load_qa, load_rows
+from pmc_unlearn.data import TOFU_SPLITS, load_qa, load_rows, read_jsonl_dicts
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation import scores
@@ -352,22 +352,7 @@ def eval_cache_root() -> Path:
 
 def read_records(path: Path) -> list[Record]:
     """Records of a records.jsonl; a line cut by a killed write (not valid JSON) is skipped."""
-    if not path.exists():
-        return []
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: skipping an incomplete line (a run was interrupted while writing)", path)
-                continue
-            if isinstance(obj, dict):
-                out.append(obj)
-    return out
+    return read_jsonl_dicts(path, warn=True)
 
 
 class _Appender:

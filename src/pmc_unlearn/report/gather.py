@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from pmc_unlearn.data import read_jsonl_dicts
 from pmc_unlearn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,7 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if not path.exists():
-        return out
+    return read_jsonl_dicts(path)  # lines cut by an interrupted write are skipped
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if not line:
