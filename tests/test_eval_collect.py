@@ -46,6 +46,42 @@ def test_nll_matches_losses_per_example_nll(tiny):
     assert got["n_tokens"] == len(ex.answer)  # answer tokens only (with the end-of-turn token)
 
 
+def test_shared_prompt_scores_equal_one_pass_per_answer(tiny):
+    # question_scores runs each prompt once for all its answers (KV cache); the numbers must be
+    # those of a separate prompt + answer pass per answer, whatever the grouping into passes
+    answers = [[a, a[: len(a) // 2] or "x", "Nobody knows."] for a in ANSWERS]
+    flat_q = [q for q, al in zip(QUESTIONS, answers) for _ in al]
+    flat_a = [a for al in answers for a in al]
+    stats = [j == 0 for al in answers for j in range(len(al))]
+    ref = C.answer_scores(tiny.model, tiny.tokenizer, flat_q, flat_a, batch_size=1, with_stats=stats)
+    for bs in (1, 5, 64):
+        got = [d for ds in C.question_scores(tiny.model, tiny.tokenizer, QUESTIONS, answers, batch_size=bs) for d in ds]
+        assert len(got) == len(ref)
+        for g, r in zip(got, ref):
+            assert set(g) == set(r)
+            for k, v in r.items():
+                assert g[k] == pytest.approx(v, abs=1e-4), (bs, k)
+
+
+def test_greedy_generation_equals_generate(tiny):
+    # evaluation decodes with the library's own loop; in fp32 its tokens are generate's
+    from transformers import GenerationConfig
+
+    from pmc_unlearn.formatting import prompt_ids
+
+    gens = C.generate_greedy(tiny.model, tiny.tokenizer, QUESTIONS, max_new_tokens=10, batch_size=3)
+    eos = tiny.tokenizer.eos_token_id
+    for q, g in zip(QUESTIONS, gens):
+        ids = torch.tensor([prompt_ids(tiny.tokenizer, q, C.EVAL_FORMAT)])
+        cfg = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id,
+                               eos_token_id=eos)
+        with torch.no_grad():
+            new = tiny.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=cfg)[0, ids.shape[1]:].tolist()
+        cut = new.index(eos) if eos in new else len(new)
+        assert g.n_tokens == cut and g.hit_limit == (eos not in new)
+        assert g.text == tiny.tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+
+
 def test_greedy_generation_does_not_depend_on_batch_size(tiny):
     one = C.generate_greedy(tiny.model, tiny.tokenizer, QUESTIONS, max_new_tokens=12, batch_size=1)
     eight = C.generate_greedy(tiny.model, tiny.tokenizer, QUESTIONS, max_new_tokens=12, batch_size=8)

@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 DEMO_VERSION = 1  # bump when a stage's meaning changes: every cached stage is redone
 PROFILES = ("quick", "default")  # shown in --help; "test" (tiny-random, seconds) is for the test suite
 PROFILE_KEYS = {"description", "model", "authors", "finetune", "unlearn", "evaluate", "attacks", "report"}
-EVAL_KEYS = {"max_new_tokens", "batch_size", "forget", "retain", "real_authors", "world_facts", "holdout"}
+EVAL_KEYS = {"max_new_tokens", "batch_size", "forget", "retain", "real_authors", "world_facts", "holdout", "dtype"}
+EVAL_DTYPES = ("float32", "bfloat16")
 BASELINES = ("npo", "gd")
 STAGE_FILE = "stage.json"
 DEMO_FILE = "demo.json"
@@ -139,7 +140,10 @@ def validate_profile(p: dict[str, Any]) -> None:
     bad = set(p["evaluate"]) - EVAL_KEYS
     if bad:
         raise UserError(f"evaluate.{sorted(bad)[0]}: unknown key; known: {', '.join(sorted(EVAL_KEYS))}")
-    for k in EVAL_KEYS:
+    dt = p["evaluate"].get("dtype", "float32")
+    if dt not in EVAL_DTYPES:
+        raise UserError(f"evaluate.dtype={dt!r}: choose one of {', '.join(EVAL_DTYPES)}")
+    for k in EVAL_KEYS - {"dtype"}:
         v = p["evaluate"].get(k)
         if not isinstance(v, int) or v < 1:
             raise UserError(f"evaluate.{k}={v!r}: must be a positive integer")
@@ -236,12 +240,14 @@ def demo_suite(forget_split: str, retain_index: list[int], sizes: dict[str, int]
 
 
 def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | None, self_reference: bool = False,
-                    max_new_tokens: int = 48, batch_size: int = 16, progress: bool = True,
+                    max_new_tokens: int = 48, batch_size: int = 16, dtype: str = "float32", progress: bool = True,
                     notes: dict[str, Any] | None = None) -> dict[str, Any]:
     """Collect records for `specs` (resuming from out/records.jsonl), aggregate, write summary.json.
 
     `reference` is the retain model's records (forget quality, PrivLeak); `self_reference` uses
-    this model's own records (the retain model itself: forget quality 1 by definition).
+    this model's own records (the retain model itself: forget quality 1 by definition). `dtype`
+    is the weights' type during evaluation (bfloat16: about 2x faster on CPUs with native bf16,
+    as open-unlearning evaluates; the records are cached per weights, so the two never mix).
     """
     from pmc_unlearn.evaluation import collect as C
     from pmc_unlearn.evaluation import metrics as M
@@ -252,7 +258,7 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    lm = load_model(model)
+    lm = load_model(model, dtype=dtype)
     lm.model.eval()
     fp = fingerprint(lm.model)
     fmt = C.EVAL_FORMAT
@@ -270,7 +276,7 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
     summary.update({
         "model_name": model, "model_fingerprint": fp, "forget_split": specs[0].source.removeprefix("tofu:").removesuffix("_perturbed"),
         **{f"n_examples_{s.name}": len(s.items) for s in specs},
-        "max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": batch_size, "dtype": dtype,
         "prompt_chat_template": fmt.use_chat_template, "prompt_system": fmt.system_prompt,
         "time_load_s": round(t_load, 3), "time_collect_s": round(t_collect, 3),
         **(notes or {}), **_versions(),
@@ -450,6 +456,8 @@ class Demo:
 
         eval_common = {"v": DEMO_VERSION, "records_schema": SCHEMA_VERSION, "suite": suite_key,
                        "max_new_tokens": ev["max_new_tokens"]}
+        if ev.get("dtype", "float32") != "float32":  # (float32 keys stay as they were before the option)
+            eval_common["dtype"] = ev["dtype"]
         order = ["retain", "target", "base"] + unlearned
         eval_keys: dict[str, str] = {}
         by_name = {s.name: s for s in stages}
@@ -474,7 +482,10 @@ class Demo:
             wanted = at.get("models") or ["target"] + unlearned
             for mname in [x for x in ["target"] + unlearned if x in wanted]:
                 path, producer = models[mname]
-                key = digest({"v": DEMO_VERSION, "model": keys[producer], "attacks": at})
+                akey = {"v": DEMO_VERSION, "model": keys[producer], "attacks": at}
+                if ev.get("dtype", "float32") != "float32":
+                    akey["dtype"] = ev["dtype"]
+                key = digest(akey)
                 d = root / "attacks" / mname
                 stages.append(Stage(f"attacks/{mname}", "attacks", d, key, self._attack_runner(path, d, mname),
                                     _RATE["fixed"] + len(at.get("names") or [1] * 6) * eval_est() / 4
@@ -501,7 +512,8 @@ class Demo:
         def run(resume: bool) -> dict:
             ev = self.p["evaluate"]
             s = evaluate_subset(model, self.specs, d, reference=reference, self_reference=self_reference,
-                                max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"], progress=self.progress,
+                                max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
+                                dtype=ev.get("dtype", "float32"), progress=self.progress,
                                 notes={"demo_role": role, "retain_split_note": (
                                     f"tofu:retain_perturbed rows of the retain author(s) {self.data.retain_authors} "
                                     "(TOFU author indices), facts the target learned beside the forget authors")})
@@ -513,7 +525,8 @@ class Demo:
     def _attack_runner(self, model: str, d: Path, role: str):
         def run(resume: bool) -> dict:
             return run_attack_suite(model, d, self.p["authors"]["forget_split"], self.p.get("attacks") or {},
-                                    self.p["evaluate"]["batch_size"], self.progress)
+                                    self.p["evaluate"]["batch_size"], self.progress,
+                                    dtype=self.p["evaluate"].get("dtype", "float32"))
 
         return run
 
@@ -640,7 +653,7 @@ class Demo:
 # ----------------------------------------------------------------------------- attacks (optional module)
 
 def run_attack_suite(model: str, out: Path, forget_split: str, settings: dict[str, Any], batch_size: int,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, dtype: str = "float32") -> dict[str, Any]:
     """Call `pmc_unlearn.attacks.run_attacks` when the build has it; a note (and no failure) otherwise.
 
     The call passes only the arguments its signature names (model, forget split, output folder,
@@ -656,7 +669,7 @@ def run_attack_suite(model: str, out: Path, forget_split: str, settings: dict[st
         "output_dir": out, "output": out, "out": out, "out_dir": out,
         "max_examples": settings.get("max_examples"), "max_new_tokens": settings.get("max_new_tokens"),
         "batch_size": batch_size, "progress": progress, "attacks": settings.get("names"),
-        "settings": settings.get("settings"),
+        "settings": settings.get("settings"), "dtype": dtype,
     }
     kwargs = {k: v for k, v in offered.items() if k in sig.parameters and v is not None}
     missing = [n for n, prm in sig.parameters.items()

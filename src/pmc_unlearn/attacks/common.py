@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pmc_unlearn.formatting import PromptFormat, collate_prompts, prompt_ids, uses_chat
+from pmc_unlearn.formatting import PromptFormat, prompt_ids, uses_chat
 
 log = logging.getLogger(__name__)
 
@@ -108,31 +108,21 @@ class AttackContext:
 
     @torch.inference_mode()
     def greedy_ids(self, prompts: Sequence[list[int]], model=None, desc: str = "greedy") -> list[Gen]:
-        """Greedy continuations of token-id prompts (evaluation.collect.generate_greedy on ids)."""
+        """Greedy continuations of token-id prompts (evaluation.collect.generate_greedy_ids), in input order."""
         from tqdm.auto import tqdm
-        from transformers import GenerationConfig
 
-        from pmc_unlearn.evaluation.collect import _sorted_chunks, _stop_ids
+        from pmc_unlearn.evaluation.collect import generate_greedy_ids
 
         model = self.model if model is None else model
-        tok = self.tokenizer
-        model.eval()
-        stops = _stop_ids(model, tok)
-        cfg = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
-                               pad_token_id=tok.pad_token_id, eos_token_id=stops or None, bos_token_id=tok.bos_token_id)
-        dev = next(model.parameters()).device
-        out: list[Gen | None] = [None] * len(prompts)
-        chunks = _sorted_chunks(len(prompts), lambda i: len(prompts[i]), self.batch_size)
-        for chunk in tqdm(chunks, desc=desc, unit="batch", disable=not self.progress, leave=False):
-            batch = collate_prompts([list(prompts[i]) for i in chunk], tok.pad_token_id)
-            seqs = model.generate(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                                  generation_config=cfg)
-            new = seqs[:, batch["input_ids"].shape[1]:].tolist()  # [B, <= max_new_tokens]
-            for i, row in zip(chunk, new):
-                stop = next((k for k, t in enumerate(row) if t in stops), None)
-                ids = row if stop is None else row[:stop]
-                out[i] = Gen(tok.decode(ids, skip_special_tokens=True).strip(), len(ids), stop is None)
-        return out  # type: ignore[return-value]
+        step = 4 * self.batch_size  # a progress update every few batches; results do not depend on it
+        out: list[Gen] = []
+        with tqdm(total=len(prompts), desc=desc, unit="ex", disable=not self.progress, leave=False) as bar:
+            for c0 in range(0, len(prompts), step):
+                part = generate_greedy_ids(model, self.tokenizer, prompts[c0 : c0 + step], self.max_new_tokens,
+                                           self.batch_size)
+                out += [Gen(g.text, g.n_tokens, g.hit_limit) for g in part]
+                bar.update(len(part))
+        return out
 
     def greedy(self, questions: Sequence[str], model=None, desc: str = "greedy") -> list[Gen]:
         return self.greedy_ids([self.prompt(q) for q in questions], model, desc)

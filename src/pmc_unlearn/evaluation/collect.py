@@ -39,7 +39,7 @@ from pmc_unlearn.data import TOFU_SPLITS, load_qa, load_rows, read_jsonl_dicts
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation import scores
-from pmc_unlearn.formatting import Example, PromptFormat, collate_prompts, collate_train, encode_pair, prompt_ids, prompt_text
+from pmc_unlearn.formatting import IGNORE, Example, PromptFormat, answer_ids, collate_train, encode_pair, fit_length, prompt_ids, prompt_text
 from pmc_unlearn.losses import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -158,14 +158,37 @@ def _sorted_chunks(n: int, length: Callable[[int], int], batch_size: int) -> lis
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    fwd = getattr(model, "forward", None)
+    try:
+        return "logits_to_keep" in inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.inference_mode()
 def _forward_scores(model, examples: list[Example], with_stats: list[bool], pad_id: int) -> list[dict]:
     """One right-padded forward pass; per example the answer NLL and, where asked, EM/ES/MIA scores."""
     batch = collate_train(examples, pad_id)
     dev = _device(model)
-    labels = batch["labels"].to(dev)  # [B, T]
-    logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits  # [B, T, V]
-    lp, mask = token_logprobs(logits, labels)  # [B, T-1] each
+    T = batch["input_ids"].shape[1]
+    # Logits only from the last prompt position of the shortest prompt on (right padding: every
+    # answer target lies after it): the vocabulary projection and log-softmax skip most prompt
+    # positions. `keep` positions [T-keep, T) come back; labels are cut to the same window.
+    keep = T - min(len(e.prompt) for e in examples) + 1
+    # (an index tensor, not the int form: slicing a strided view makes matmul copy the LM head)
+    kw = {"logits_to_keep": torch.arange(T - keep, T, device=dev)} if _takes_logits_to_keep(model) else {}
+    logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev), **kw).logits
+    labels = batch["labels"][:, T - logits.shape[1]:].to(dev)  # [B, keep] (or [B, T] without logits_to_keep)
+    return _scores_from_logits(logits, labels, examples, with_stats)
+
+
+def _scores_from_logits(logits: torch.Tensor, labels: torch.Tensor, examples: list[Example],
+                        with_stats: list[bool]) -> list[dict]:
+    """Per row: answer NLL, token count and (with_stats) EM/ES/Min-K/Min-K++; logits[:, t] predicts labels[:, t+1]."""
+    lp, mask = token_logprobs(logits, labels)  # [B, L-1] each
     nll = -lp.sum(1) / mask.sum(1)  # [B] (losses.per_example_nll's formula, without a second log-softmax)
     out = []
     for b, ex in enumerate(examples):
@@ -186,6 +209,128 @@ def _forward_scores(model, examples: list[Example], with_stats: list[bool], pad_
             )
         out.append(d)
     return out
+
+
+@torch.inference_mode()
+def _shared_prompt_scores(model, prompt: list[list[int]], groups: list[list[Example]], with_stats: list[list[bool]],
+                          pad_id: int) -> list[list[dict]]:
+    """Scores of several answers per prompt, each prompt's tokens run once.
+
+    The prompts (left-padded) are prefilled with a KV cache, whose rows are repeated for each of
+    their answers; the answers (right-padded, positions continuing their prompt's) then run on
+    the cache. The first answer token is predicted by the prompt's last position, the others by
+    the answer positions, exactly as in one forward pass of prompt + answer (same numbers within
+    float rounding; tests/test_eval_collect.py). For TOFU's 7 answers per question (answer,
+    paraphrase, 5 perturbed) about 45% of the tokens are prompt tokens, which run once instead
+    of 7 times.
+    """
+    from transformers import DynamicCache
+
+    dev = _device(model)
+    P = max(len(p) for p in prompt)
+    q_ids = torch.full((len(prompt), P), pad_id, dtype=torch.long)
+    q_mask = torch.zeros((len(prompt), P), dtype=torch.long)
+    for i, p in enumerate(prompt):
+        q_ids[i, P - len(p):] = torch.tensor(p)
+        q_mask[i, P - len(p):] = 1
+    q_ids, q_mask = q_ids.to(dev), q_mask.to(dev)
+    q_pos = (q_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    last = model(input_ids=q_ids, attention_mask=q_mask, position_ids=q_pos, past_key_values=cache, use_cache=True,
+                 logits_to_keep=torch.tensor([P - 1], device=dev)).logits  # [Q, 1, V]
+    owner = [q for q, g in enumerate(groups) for _ in g]
+    exs = [e for g in groups for e in g]
+    idx = torch.tensor(owner, device=dev)
+    cache.batch_select_indices(idx)  # [N rows] of the prompts' keys and values
+    A = max(len(e.answer) for e in exs)
+    a_ids = torch.full((len(exs), A), pad_id, dtype=torch.long)
+    a_mask = torch.zeros((len(exs), A), dtype=torch.long)
+    labels = torch.full((len(exs), A + 1), IGNORE, dtype=torch.long)  # column 0: the last prompt position
+    for r, e in enumerate(exs):
+        a_ids[r, : len(e.answer)] = torch.tensor(e.answer)
+        a_mask[r, : len(e.answer)] = 1
+        labels[r, 1 : len(e.answer) + 1] = torch.tensor(e.answer)
+    a_ids, a_mask = a_ids.to(dev), a_mask.to(dev)
+    plen = torch.tensor([len(prompt[q]) for q in owner], device=dev)
+    a_pos = plen[:, None] + torch.arange(A, device=dev)[None, :]
+    logits = model(input_ids=a_ids, attention_mask=torch.cat([q_mask[idx], a_mask], 1), position_ids=a_pos,
+                   past_key_values=cache, use_cache=True).logits  # [N, A, V]
+    logits = torch.cat([last[idx], logits], 1)  # [N, A+1, V]
+    flat = _scores_from_logits(logits, labels.to(dev), exs, [w for ws in with_stats for w in ws])
+    out, k = [], 0
+    for g in groups:
+        out.append(flat[k : k + len(g)])
+        k += len(g)
+    return out
+
+
+def _supports_shared_prompt(model) -> bool:
+    """Prefix sharing needs a KV cache the forward accepts with explicit positions (decoder-only HF models)."""
+    return _takes_logits_to_keep(model) and getattr(getattr(model, "config", None), "is_encoder_decoder", False) is False
+
+
+def question_scores(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    fmt: PromptFormat = EVAL_FORMAT,
+    batch_size: int = 8,
+    stats_first: bool = True,
+) -> list[list[dict]]:
+    """`answer_scores` for several answers per question (e.g. answer, paraphrase, perturbed ones).
+
+    Returns, per question, one dict per answer (as `answer_scores`; the first answer with the
+    EM/ES/MIA statistics when `stats_first`). Each question's prompt runs once for all its
+    answers (`_shared_prompt_scores`); about `batch_size` answer rows go into one forward pass.
+    Falls back to `answer_scores` for models without the cache interface.
+    """
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answer lists")
+    flat_q = [q for q, ans in zip(questions, answers) for _ in ans]
+    flat_a = [a for ans in answers for a in ans]
+    flat_s = [stats_first and j == 0 for ans in answers for j in range(len(ans))]
+    if not _supports_shared_prompt(model):
+        res = answer_scores(model, tokenizer, flat_q, flat_a, fmt, batch_size, flat_s)
+        out, k = [], 0
+        for ans in answers:
+            out.append(res[k : k + len(ans)])
+            k += len(ans)
+        return out
+    model.eval()
+    prompts = [prompt_ids(tokenizer, q, fmt) for q in questions]
+    groups = [[fit_length(p, answer_ids(tokenizer, a, fmt), fmt.max_length) for a in ans] for p, ans in zip(prompts, answers)]
+    stats = [[stats_first and j == 0 for j in range(len(ans))] for ans in answers]
+    out: list[list[dict] | None] = [None] * len(questions)
+    # questions sorted by their longest sequence, cut so a pass holds about batch_size answer rows
+    order = sorted(range(len(questions)), key=lambda i: (len(prompts[i]) + max((len(e.answer) for e in groups[i]), default=0), i))
+    chunk: list[int] = []
+    rows = 0
+
+    def flush() -> None:
+        nonlocal chunk, rows
+        if chunk:
+            res = _shared_prompt_scores(model, [prompts[i] for i in chunk], [groups[i] for i in chunk],
+                                        [stats[i] for i in chunk], tokenizer.pad_token_id)
+            for i, r in zip(chunk, res):
+                out[i] = r
+        chunk, rows = [], 0
+
+    for i in order:
+        if not groups[i]:
+            out[i] = []
+            continue
+        if chunk and rows + len(groups[i]) > max(batch_size, len(groups[i])):
+            flush()
+        chunk.append(i)
+        rows += len(groups[i])
+    flush()
+    for i, ans in enumerate(answers):
+        for d, a, st in zip(out[i], ans, stats[i]):  # type: ignore[arg-type]
+            if st:
+                d["mia_loss"] = d["nll"]
+                d["mia_zlib"] = scores.zlib_score(d["nll"], a)
+    return out  # type: ignore[return-value]
 
 
 def answer_scores(
@@ -231,17 +376,6 @@ class Generation:
     hit_limit: bool  # no stop token within max_new_tokens: the answer was cut
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    for src in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, (list, tuple)):
-            ids.update(int(x) for x in src)
-    return sorted(ids)
-
-
-@torch.inference_mode()
 def generate_greedy(
     model,
     tokenizer,
@@ -250,27 +384,31 @@ def generate_greedy(
     max_new_tokens: int = 200,
     batch_size: int = 8,
 ) -> list[Generation]:
-    """Greedy answers to the questions (prompt alone, left-padded batches sorted by length, cut at EOS)."""
-    from transformers import GenerationConfig
+    """Greedy answers to the questions (the prompt alone, cut at EOS); see `generate_greedy_ids`."""
+    return generate_greedy_ids(model, tokenizer, [prompt_ids(tokenizer, q, fmt) for q in questions],
+                               max_new_tokens, batch_size)
+
+
+@torch.inference_mode()
+def generate_greedy_ids(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int = 200,
+                        batch_size: int = 8) -> list[Generation]:
+    """Greedy continuations of token-id prompts, in input order.
+
+    Runs on the library's own decode loop (`sampler.FastSampler`, greedy): each prompt prefilled
+    once, finished rows dropped, a preallocated cache; in fp32 its tokens equal
+    `generate(do_sample=False)`'s (tests/test_sampler.py). Prompts are sorted by length and cut
+    into batches of `batch_size` rows; the stop tokens are the tokenizer's and the model's EOS.
+    """
+    from pmc_unlearn.sampler import FastSampler
 
     model.eval()
-    stops = _stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
-                           eos_token_id=stops or None, bos_token_id=tokenizer.bos_token_id)
-    prompts = [prompt_ids(tokenizer, q, fmt) for q in questions]
-    out: list[Generation | None] = [None] * len(prompts)
-    dev = _device(model)
-    for chunk in _sorted_chunks(len(prompts), lambda i: len(prompts[i]), batch_size):
-        batch = collate_prompts([prompts[i] for i in chunk], pad)
-        seqs = model.generate(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                              generation_config=cfg)
-        new = seqs[:, batch["input_ids"].shape[1]:].tolist()  # [B, <= max_new_tokens]
-        for i, row in zip(chunk, new):
-            cut = next((k for k, t in enumerate(row) if t in stops), None)
-            ids = row if cut is None else row[:cut]
-            out[i] = Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), cut is None)
-    return out  # type: ignore[return-value]
+    done = FastSampler(tokenizer, batch_rows=batch_size).sample(
+        model, [list(p) for p in prompts], 1, max_new_tokens=max_new_tokens, greedy=True)
+    out = []
+    for (c,) in done:
+        n_new = len(c.ids) - (0 if c.truncated else 1)  # the stop token is not part of the answer
+        out.append(Generation(c.text, n_new, c.truncated))
+    return out
 
 
 _SCORER = None
@@ -301,24 +439,18 @@ def _compute_items(model, tokenizer, spec: SplitSpec, items: list[EvalItem], fmt
     if not items:
         return recs
     if spec.nll:
-        # one flat list of (question, text) jobs: the answer (with stats), paraphrase, perturbed answers
-        jobs: list[tuple[int, str, int, str]] = []  # (item position, kind, j, text)
-        for n, it in enumerate(items):
-            jobs.append((n, "answer", 0, it.answer))
+        # per item: the answer (with stats), the paraphrase, the perturbed answers; one prompt pass each
+        texts = [[it.answer] + ([it.para_answer] if it.para_answer is not None else []) + list(it.pert_answers or [])
+                 for it in items]
+        res = question_scores(model, tokenizer, [it.question for it in items], texts, fmt, batch_size)
+        for r, it, ds in zip(recs, items, res):
+            r.update(ds[0])
+            k = 1
             if it.para_answer is not None:
-                jobs.append((n, "para", 0, it.para_answer))
-            for j, p in enumerate(it.pert_answers or []):
-                jobs.append((n, "pert", j, p))
-        res = answer_scores(model, tokenizer, [items[n].question for n, *_ in jobs], [t for *_, t in jobs],
-                            fmt, batch_size, with_stats=[k == "answer" for _, k, _, _ in jobs])
-        for (n, kind, j, _), d in zip(jobs, res):
-            r, it = recs[n], items[n]
-            if kind == "answer":
-                r.update(d)
-            elif kind == "para":
-                r["para_nll"] = d["nll"]
-            else:
-                r.setdefault("pert_nll", [None] * len(it.pert_answers or []))[j] = d["nll"]
+                r["para_nll"] = ds[1]["nll"]
+                k = 2
+            if it.pert_answers:
+                r["pert_nll"] = [d["nll"] for d in ds[k:]]
     if spec.generate:
         gens = generate_greedy(model, tokenizer, [it.question for it in items], fmt, gen.max_new_tokens, batch_size)
         for r, it, g in zip(recs, items, gens):

@@ -107,6 +107,49 @@ class Method:
         return {}
 
 
+def _forward_takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    m = getattr(model, "module", model)  # DDP
+    if hasattr(m, "get_base_model"):  # peft passes extra arguments through to the base model
+        m = m.get_base_model()
+    try:
+        return "logits_to_keep" in inspect.signature(m.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a right-padded batch, from the first position that predicts an answer token on.
+
+    Prompt positions before it predict nothing the losses count, so the vocabulary projection
+    (a fifth of a small model's FLOPs) and the fp32 log-softmax skip them; `labels` is cut to the
+    same window, so every shift-based loss gives the numbers of the full-length logits.
+    """
+    from pmc_unlearn.formatting import IGNORE
+
+    labels = batch["labels"]
+    T = labels.shape[1]
+    counted = (labels != IGNORE).any(0)  # [T]
+    first = int(counted.float().argmax()) if bool(counted.any()) else 1
+    start = max(0, first - 1)  # the position that predicts the first answer token
+    kw = {}
+    if start > 0 and _forward_takes_logits_to_keep(model):
+        # an index tensor: the int form slices a strided view, which makes matmul copy the LM head
+        kw["logits_to_keep"] = torch.arange(start, T, device=labels.device)
+    else:
+        start = 0
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
+    return logits, labels[:, start:]
+
+
+def answer_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`losses.token_logprobs` of the batch's answer tokens, via `answer_logits` ([B, L] each, L <= T-1)."""
+    from pmc_unlearn.losses import token_logprobs
+
+    return token_logprobs(*answer_logits(model, batch))
+
+
 def split_nll(logits: torch.Tensor, labels: torch.Tensor, n_primary: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-mean NLL of the primary rows and of the retain rows of one forward pass."""
     from pmc_unlearn.losses import token_logprobs

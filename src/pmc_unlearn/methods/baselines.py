@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from pmc_unlearn.config import opt
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import IGNORE, Example, collate_train, encode_pair
-from pmc_unlearn.losses import token_logprobs
-from pmc_unlearn.methods.base import Method, Prepared, RunContext, derive_seed
+from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logprobs, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +86,6 @@ def _on_device(ctx: RunContext, batch: dict[str, torch.Tensor]) -> dict[str, tor
 
 def _rows(batch: dict[str, torch.Tensor], a: int, b: int | None = None) -> dict[str, torch.Tensor]:
     return {k: batch[k][a:b] for k in ("input_ids", "attention_mask", "labels")}
-
-
-def _logits(model, b: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
 
 
 def _mean_nll(lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -176,7 +171,7 @@ class GradientAscent(_Baseline):
 
     def loss(self, ctx, model, prep):
         b = _on_device(ctx, prep.batch)
-        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        lp, mask = answer_logprobs(model, b)
         nll = _mean_nll(lp, mask)
         return -nll, {"train/forget_nll": float(nll.detach())}
 
@@ -192,7 +187,7 @@ class GradientDifference(_Baseline):
     def loss(self, ctx, model, prep):
         b = _on_device(ctx, prep.batch)
         n = prep.n_primary
-        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        lp, mask = answer_logprobs(model, b)
         nll = _mean_nll(lp[:n], mask[:n])
         logs = {"train/forget_nll": float(nll.detach())}
         return self._add_retain(-nll, lp, mask, n, logs), logs
@@ -231,7 +226,7 @@ class NPO(_Baseline):
             for a in range(0, n, bs):
                 b = _on_device(ctx, collate_train(self._forget_rows(ctx, list(range(a, min(n, a + bs)))),
                                                   ctx.tokenizer.pad_token_id))
-                lp, _ = token_logprobs(_logits(ref, b), b["labels"])
+                lp, _ = answer_logprobs(ref, b)
                 vals.append(lp.sum(1).float().cpu())
         self.s_ref = torch.cat(vals)
         self.info["reference_model"] = f"freed after precomputing S_ref for {n} forget pairs (no memory while training)"
@@ -247,13 +242,13 @@ class NPO(_Baseline):
     def loss(self, ctx, model, prep):
         b = _on_device(ctx, prep.batch)
         n = prep.n_primary
-        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        lp, mask = answer_logprobs(model, b)
         s = lp[:n].sum(1)  # [n] S_theta(y_f)
         if "ref_logp" in b:
             s_ref = b["ref_logp"]
         else:
             with torch.no_grad():
-                s_ref = token_logprobs(_logits(self.ref, _rows(b, 0, n)), b["labels"][:n])[0].sum(1)
+                s_ref = answer_logprobs(self.ref, _rows(b, 0, n))[0].sum(1)
         forget = npo_loss(s, s_ref, self.cfg.beta)
         logs = {"train/forget_loss": float(forget.detach()), "train/forget_nll": float(_mean_nll(lp[:n], mask[:n]).detach()),
                 "train/log_ratio": float((s - s_ref).mean().detach())}
@@ -277,7 +272,7 @@ class SimNPO(_Baseline):
     def loss(self, ctx, model, prep):
         b = _on_device(ctx, prep.batch)
         n = prep.n_primary
-        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        lp, mask = answer_logprobs(model, b)
         lengths = mask[:n].sum(1).clamp(min=1).to(lp.dtype)  # |y_f| in tokens
         forget = simnpo_loss(lp[:n].sum(1), lengths, self.cfg.beta, self.cfg.gamma)
         logs = {"train/forget_loss": float(forget.detach()), "train/forget_nll": float(_mean_nll(lp[:n], mask[:n]).detach())}
@@ -317,7 +312,7 @@ class IdkNLL(_Baseline):
     def loss(self, ctx, model, prep):
         b = _on_device(ctx, prep.batch)
         n = prep.n_primary
-        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        lp, mask = answer_logprobs(model, b)
         nll = _mean_nll(lp[:n], mask[:n])
         logs = {"train/idk_nll": float(nll.detach())}
         return self._add_retain(nll, lp, mask, n, logs), logs
@@ -356,10 +351,10 @@ class IdkDPO(_Baseline):
         b = _on_device(ctx, prep.batch)
         n2 = prep.n_primary
         n = n2 // 2
-        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        lp, mask = answer_logprobs(model, b)
         s = lp[:n2].sum(1)  # [2n]: refusals, then forget answers
         with torch.no_grad():
-            s_ref = token_logprobs(_logits(self.ref, _rows(b, 0, n2)), b["labels"][:n2])[0].sum(1)
+            s_ref = answer_logprobs(self.ref, _rows(b, 0, n2))[0].sum(1)
         forget = dpo_loss(s[:n], s_ref[:n], s[n:], s_ref[n:], self.cfg.beta)
         logs = {"train/forget_loss": float(forget.detach()),
                 "train/idk_nll": float(_mean_nll(lp[:n], mask[:n]).detach()),
@@ -582,7 +577,7 @@ class RetainFT(Method):
 
     def loss(self, ctx, model, prep):
         b = _on_device(ctx, prep.batch)
-        lp, mask = token_logprobs(_logits(model, b), b["labels"])
+        lp, mask = answer_logprobs(model, b)
         nll = _mean_nll(lp, mask)
         return nll, {"train/retain_nll": float(nll.detach())}
 

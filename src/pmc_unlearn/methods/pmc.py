@@ -31,7 +31,7 @@ import numpy as np
 from pmc_unlearn.config import opt
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import Example, collate_train, encode_pair, fit_length, prompt_ids
-from pmc_unlearn.methods.base import Method, Prepared, RunContext, derive_seed, split_nll
+from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logits, derive_seed, split_nll
 from pmc_unlearn.rewards import pmc_scores
 from pmc_unlearn.selection import Memory, is_unresolved, select_argmin, select_bradley_terry, update_memory
 
@@ -164,8 +164,7 @@ class PMC(Method):
         return Prepared(batch, len(forget_ex), stats, tokens=sum(len(e.answer) for e in forget_ex + retain_ex))
 
     def loss(self, ctx: RunContext, model, prep: Prepared):
-        out = model(input_ids=prep.batch["input_ids"], attention_mask=prep.batch["attention_mask"])
-        collapse, retain = split_nll(out.logits, prep.batch["labels"], prep.n_primary)
+        collapse, retain = split_nll(*answer_logits(model, prep.batch), prep.n_primary)
         loss = collapse if retain is None else collapse + self.cfg.retain_weight * retain
         logs = {"train/collapse_nll": float(collapse.detach())}
         if retain is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pmc_unlearn.formatting import collate_train, encode_pair
-from pmc_unlearn.methods.base import Method, Prepared, RunContext, split_nll
+from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logits, split_nll
 
 
 @dataclass
@@ -24,7 +24,6 @@ class SFT(Method):
                         tokens=sum(len(e.answer) for e in ex))
 
     def loss(self, ctx, model, prep):
-        out = model(input_ids=prep.batch["input_ids"], attention_mask=prep.batch["attention_mask"])
-        nll, _ = split_nll(out.logits, prep.batch["labels"], prep.n_primary)
+        nll, _ = split_nll(*answer_logits(model, prep.batch), prep.n_primary)
         return nll, {"train/nll": float(nll.detach())}
 
