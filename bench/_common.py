@@ -117,3 +117,71 @@ def matmul_rates(M: int = 256, reps: int = 5) -> dict[str, float]:
             best = max(best, 2 * m * k * n / statistics.median(ts) / 1e9)
         out[name] = best
     return out
+
+
+class Stopwatch:
+    """Wall time and call count per name, added up by wrapped callables (used inside a child).
+
+    `wrap(name, fn, on_return)` returns `fn` with its calls timed; `on_return(args, kwargs, result)`
+    runs after the clock stops, so whatever it records (token counts, say) costs the timed part
+    nothing. Counting work can then be done once the measured call has returned. Several
+    functions may share a name: a call made while another call of the same name is running
+    (one wrapped function calling another) is neither timed nor recorded again.
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._active: set[str] = set()
+
+    def wrap(self, name: str, fn, on_return=None):
+        import functools
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if name in self._active:  # nested in a timed call of the same name: counted there
+                return fn(*args, **kwargs)
+            self._active.add(name)
+            t = time.perf_counter()
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+                self.calls[name] = self.calls.get(name, 0) + 1
+                self._active.discard(name)
+            if on_return is not None:
+                on_return(args, kwargs, out)
+            return out
+
+        return timed
+
+
+def start() -> tuple[dict, str]:
+    """Print and return the machine facts and the load average before a benchmark."""
+    info = machine()
+    load0 = loadavg()
+    print(f"# machine: {info}\n# load before: {load0}", flush=True)
+    return info, load0
+
+
+def interleaved(configs: list[str], reps: int, run, describe) -> dict[str, list[dict]]:
+    """Run every configuration once per repetition, the order rotated each time: {config: [result per rep]}.
+
+    `run(config, rep)` returns one child's result; `describe(config, result)` is the progress line
+    printed after it (the load average is appended).
+    """
+    res: dict[str, list[dict]] = {c: [] for c in configs}
+    for rep in range(reps):
+        k = rep % len(configs)
+        for c in configs[k:] + configs[:k]:
+            r = run(c, rep)
+            res[c].append(r)
+            print(f"rep {rep} {describe(c, r)}  load {loadavg()}", flush=True)
+    return res
+
+
+def save_json(path: str | None, args, info: dict, load0: str, load1: str, runs: dict) -> None:
+    """Write every measurement with the arguments, the machine and the load averages (when `--json` was given)."""
+    if path:
+        Path(path).write_text(json.dumps({"args": vars(args), "machine": info, "load_before": load0,
+                                          "load_after": load1, "runs": runs}, indent=1, default=str))
