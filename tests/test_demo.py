@@ -65,9 +65,24 @@ def test_data_subset_and_suite(tmp_path):
     assert all(it.question in seen for it in specs["forget"].items)
     assert len(specs["forget"].items) == p["evaluate"]["forget"]
     assert specs["forget"].items[0].pert_answers and specs["retain"].items[0].pert_answers
-    # quick: only forget01's first author
-    q = D.prepare_data(D.load_profile("quick"), tmp_path / "q")
-    assert q.forget_authors == [198] and q.n_forget == 20
+    forget = [json.loads(x) for x in data.forget_file.read_text().splitlines()]
+    assert len(forget) == 40 and {r["author"] for r in forget} == {198, 199}
+    # quick: only forget01's first author, and the first `rows` questions of every author
+    qp = D.load_profile("quick", ["authors.rows=7"])
+    q = D.prepare_data(qp, tmp_path / "q")
+    assert q.forget_authors == [198] and q.n_forget == 7
+    qt = [json.loads(x) for x in q.target_file.read_text().splitlines()]
+    qf = [json.loads(x) for x in q.forget_file.read_text().splitlines()]
+    assert [r["tofu_full_row"] for r in qt] == list(range(7)) + list(range(198 * 20, 198 * 20 + 7))
+    assert [r["tofu_full_row"] for r in qf] == list(range(198 * 20, 198 * 20 + 7))
+    # the evaluation's forget items are exactly those 7 questions (with their paraphrases)
+    qs = {s.name: s for s in D.demo_suite("forget01", q.retain_eval_index, qp["evaluate"], q.forget_eval_index)}
+    assert [it.question for it in qs["forget"].items] == [r["question"] for r in qf]
+    assert len(qs["forget_para"].items) == 7 and len(qs["retain"].items) == 7
+    with pytest.raises(UserError, match="authors.rows"):
+        D.load_profile("quick", ["authors.rows=21"])
+    with pytest.raises(UserError, match="prompt"):
+        D.load_profile("quick", ["prompt.system=x"])
 
 
 def test_demo_stages_cache_and_resume(tmp_path, monkeypatch):

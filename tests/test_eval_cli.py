@@ -138,8 +138,8 @@ def test_killed_run_resumes_without_recomputing(run_dir, tmp_path, monkeypatch):
     lost = {(json.loads(x)["split"], json.loads(x)["index"]) for x in lines[-5:]}
     computed = []
     real = C._compute_items
-    monkeypatch.setattr(C, "_compute_items", lambda m, t, spec, items, *a, **k:
-                        computed.extend((spec.name, it.index) for it in items) or real(m, t, spec, items, *a, **k))
+    monkeypatch.setattr(C, "_compute_items", lambda m, t, work, *a, **k:
+                        computed.extend((spec.name, it.index) for spec, it in work) or real(m, t, work, *a, **k))
     assert main(BASE + ["--no-forget-quality", "--max-examples", "8", "--no-cache", "--output", str(dest)]) == 0
     assert set(computed) == lost
     a = json.loads((out / "summary.json").read_text())

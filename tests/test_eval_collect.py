@@ -129,9 +129,9 @@ def test_partial_records_resume_without_recomputing(tiny, tmp_path, monkeypatch)
     computed = []
     real = C._compute_items
 
-    def counting(model, tok, spec, items, *a, **k):
-        computed.extend(it.index for it in items)
-        return real(model, tok, spec, items, *a, **k)
+    def counting(model, tok, work, *a, **k):
+        computed.extend(it.index for _, it in work)
+        return real(model, tok, work, *a, **k)
 
     monkeypatch.setattr(C, "_compute_items", counting)
     again = C.collect_records(tiny.model, tiny.tokenizer, _small_specs(), gen=gen, batch_size=4,
@@ -153,7 +153,7 @@ def test_cache_is_keyed_by_weights_and_settings(tiny, tmp_path, monkeypatch):
     computed = []
     real = C._compute_items
     monkeypatch.setattr(C, "_compute_items",
-                        lambda m, t, s, items, *a, **k: computed.extend(items) or real(m, t, s, items, *a, **k))
+                        lambda m, t, work, *a, **k: computed.extend(work) or real(m, t, work, *a, **k))
     C.collect_records(tiny.model, tiny.tokenizer, specs, gen=gen, batch_size=1, progress=False)
     assert computed == []  # same weights and settings (batch size is not part of the key): all from the cache
     C.collect_records(tiny.model, tiny.tokenizer, specs, gen=C.GenSettings(max_new_tokens=5), batch_size=2,

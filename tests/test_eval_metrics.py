@@ -144,6 +144,10 @@ def test_privleak_sign_convention():
     assert M.privleak(0.5) == pytest.approx(0.0)
     # retain AUC 0.6 -> AUC'_retain 0.4; model AUC 0.3 -> AUC' 0.7: (0.7 - 0.4) / 0.4 * 100 = 75
     assert M.privleak(0.3, 0.6) == pytest.approx(75.0)
+    # a reference with AUC 1 (AUC'_retain = 0): undefined, NaN (reported as null), never a crash
+    import math
+
+    assert math.isnan(M.privleak(0.3, 1.0))
 
 
 # ----------------------------------------------------------------------------- whole summary

@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 DEMO_VERSION = 1  # bump when a stage's meaning changes: every cached stage is redone
 PROFILES = ("quick", "default")  # shown in --help; "test" (tiny-random, seconds) is for the test suite
-PROFILE_KEYS = {"description", "model", "authors", "finetune", "unlearn", "evaluate", "attacks", "report"}
+PROFILE_KEYS = {"description", "model", "prompt", "authors", "finetune", "unlearn", "evaluate", "attacks", "report"}
+PROMPT_KEYS = {"use_chat_template", "system_prompt"}
 EVAL_KEYS = {"max_new_tokens", "batch_size", "forget", "retain", "real_authors", "world_facts", "holdout", "dtype"}
 EVAL_DTYPES = ("float32", "bfloat16")
 BASELINES = ("npo", "gd")
@@ -129,6 +130,16 @@ def validate_profile(p: dict[str, Any]) -> None:
     nf = p["authors"].get("forget")
     if nf is not None and (not isinstance(nf, int) or nf < 1):
         raise UserError(f"authors.forget={nf!r}: the number of forget-split authors to use (>= 1), or leave it out for all")
+    rows = p["authors"].get("rows", AUTHOR_SIZE)
+    if not isinstance(rows, int) or not 1 <= rows <= AUTHOR_SIZE:
+        raise UserError(f"authors.rows={rows!r}: questions per author, 1 to {AUTHOR_SIZE} (each TOFU author has {AUTHOR_SIZE})")
+    pr = p.get("prompt") or {}
+    if not isinstance(pr, dict) or set(pr) - PROMPT_KEYS:
+        raise UserError(f"demo profile: prompt takes {', '.join(sorted(PROMPT_KEYS))} "
+                        f"(got {sorted(pr) if isinstance(pr, dict) else pr!r})")
+    if "system_prompt" in pr and not (pr["system_prompt"] is None or isinstance(pr["system_prompt"], str)):
+        raise UserError(f"prompt.system_prompt={pr['system_prompt']!r}: a string, '' for an empty system turn, "
+                        "or null for the chat template's default")
     n = p["authors"].get("retain")
     if not isinstance(n, int) or not 1 <= n <= 20:
         raise UserError(f"authors.retain={n!r}: give the number of retain authors, 1 to 20 (TOFU authors 0..19 "
@@ -157,12 +168,13 @@ class DemoData:
 
     target_file: Path
     retain_file: Path
-    forget_source: str  # tofu:forgetXX (the forget questions, with answers for the baselines)
+    forget_file: Path  # the forget rows (question, answer): PMC reads the questions, the baselines the answers too
     retain_authors: list[int]
     forget_authors: list[int]
     retain_eval_index: list[int]  # rows of tofu:retain_perturbed that belong to the retain authors
-    digest: str  # hash of both files' bytes
-    n_forget: int  # forget questions: the first n_forget rows of the forget split
+    forget_eval_index: list[int]  # rows of tofu:<forget split>_perturbed that are the forget rows
+    digest: str  # hash of the files' bytes
+    n_forget: int  # forget questions
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -178,9 +190,11 @@ def prepare_data(profile: dict[str, Any], root: Path) -> DemoData:
     full = load_rows("tofu:full")
     fsplit = profile["authors"]["forget_split"]
     frows = load_rows(f"tofu:{fsplit}")
-    n_forget = profile["authors"].get("forget")
-    if n_forget is not None:  # only the first N authors of the forget split (20 rows each, in order)
-        frows = frows[: n_forget * AUTHOR_SIZE]
+    n_authors = profile["authors"].get("forget")
+    if n_authors is not None:  # only the first N authors of the forget split (20 rows each, in order)
+        frows = frows[: n_authors * AUTHOR_SIZE]
+    rows = profile["authors"].get("rows", AUTHOR_SIZE)  # the first `rows` questions of every author
+    frows = [r for k, r in enumerate(frows) if k % AUTHOR_SIZE < rows]
     forget_q = {r["question"] for r in frows}
     forget_idx = [i for i, r in enumerate(full) if r["question"] in forget_q]
     forget_authors = sorted({i // AUTHOR_SIZE for i in forget_idx})
@@ -188,7 +202,7 @@ def prepare_data(profile: dict[str, Any], root: Path) -> DemoData:
     clash = set(retain_authors) & set(forget_authors)
     if clash:
         raise UserError(f"authors.retain={len(retain_authors)}: overlaps the {fsplit} authors {sorted(clash)}; use fewer")
-    retain_idx = [a * AUTHOR_SIZE + j for a in retain_authors for j in range(AUTHOR_SIZE)]
+    retain_idx = [a * AUTHOR_SIZE + j for a in retain_authors for j in range(rows)]
 
     def row(i: int) -> dict:
         return {"question": full[i]["question"], "answer": full[i]["answer"], "author": i // AUTHOR_SIZE, "tofu_full_row": i}
@@ -199,6 +213,14 @@ def prepare_data(profile: dict[str, Any], root: Path) -> DemoData:
     retain = [row(i) for i in retain_idx]
     _write_jsonl(d / "target.jsonl", target)
     _write_jsonl(d / "retain.jsonl", retain)
+    forget = [row(i) for i in forget_idx]
+    _write_jsonl(d / "forget.jsonl", forget)
+    fp_rows = load_rows(f"tofu:{fsplit}_perturbed")
+    fpos = {r["question"]: k for k, r in enumerate(fp_rows)}
+    missing = [r["question"] for r in forget if r["question"] not in fpos]
+    if missing:
+        raise UserError(f"tofu:{fsplit}_perturbed lacks {len(missing)} forget question(s), e.g. {missing[0]!r}")
+    forget_eval_idx = [fpos[r["question"]] for r in forget]
     author_of = {r["question"]: r["author"] for r in retain}
     rp = load_rows("tofu:retain_perturbed")
     by_author: dict[int, list[int]] = {}
@@ -209,16 +231,17 @@ def prepare_data(profile: dict[str, Any], root: Path) -> DemoData:
     cols = [by_author[a] for a in sorted(by_author)]
     eval_idx = [c[k] for k in range(max(map(len, cols), default=0)) for c in cols if k < len(c)]
     h = hashlib.sha256()
-    for f in ("target.jsonl", "retain.jsonl"):
+    for f in ("target.jsonl", "retain.jsonl", "forget.jsonl"):
         h.update((d / f).read_bytes())
-    return DemoData(d / "target.jsonl", d / "retain.jsonl", f"tofu:{fsplit}", retain_authors, forget_authors,
-                    eval_idx, h.hexdigest()[:16], len(frows))
+    return DemoData(d / "target.jsonl", d / "retain.jsonl", d / "forget.jsonl", retain_authors, forget_authors,
+                    eval_idx, forget_eval_idx, h.hexdigest()[:16], len(forget))
 
 
 # ----------------------------------------------------------------------------- evaluation on the subset
 
-def demo_suite(forget_split: str, retain_index: list[int], sizes: dict[str, int]):
-    """TOFU's evaluation splits, cut to the profile's sizes; the retain split keeps only the retain authors' rows.
+def demo_suite(forget_split: str, retain_index: list[int], sizes: dict[str, int], forget_index: list[int] | None = None):
+    """TOFU's evaluation splits, cut to the profile's sizes; the retain split keeps only the retain authors' rows,
+    the forget split (and its paraphrases) only the forget rows (`forget_index`, all when None).
 
     Items keep their index in the TOFU file they come from (and the split's source string), so
     records are shared with full evaluations through the evaluation cache.
@@ -233,6 +256,9 @@ def demo_suite(forget_split: str, retain_index: list[int], sizes: dict[str, int]
         if s.name == M.RETAIN:  # the retain authors' rows, in the order given (round-robin over authors)
             by_index = {it.index: it for it in s.items}
             items = [by_index[i] for i in retain_index if i in by_index]
+        elif s.name in (M.FORGET, M.FORGET_PARA) and forget_index is not None:
+            by_index = {it.index: it for it in s.items}
+            items = [by_index[i] for i in forget_index if i in by_index]
         else:
             items = s.items
         s.items = items[: limit.get(s.name, len(items))]
@@ -241,13 +267,15 @@ def demo_suite(forget_split: str, retain_index: list[int], sizes: dict[str, int]
 
 def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | None, self_reference: bool = False,
                     max_new_tokens: int = 48, batch_size: int = 16, dtype: str = "float32", progress: bool = True,
-                    notes: dict[str, Any] | None = None) -> dict[str, Any]:
+                    notes: dict[str, Any] | None = None, default_fmt=None) -> dict[str, Any]:
     """Collect records for `specs` (resuming from out/records.jsonl), aggregate, write summary.json.
 
     `reference` is the retain model's records (forget quality, PrivLeak); `self_reference` uses
     this model's own records (the retain model itself: forget quality 1 by definition). `dtype`
     is the weights' type during evaluation (bfloat16: about 2x faster on CPUs with native bf16,
     as open-unlearning evaluates; the records are cached per weights, so the two never mix).
+    `default_fmt` is the prompt format of a model that saved none (the base model); the
+    evaluation's default when None.
     """
     from pmc_unlearn.evaluation import collect as C
     from pmc_unlearn.evaluation import metrics as M
@@ -261,7 +289,7 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
     lm = load_model(model, dtype=dtype)
     lm.model.eval()
     fp = fingerprint(lm.model)
-    fmt = C.EVAL_FORMAT
+    fmt = default_fmt or C.EVAL_FORMAT
     saved = saved_prompt_format(model)
     if saved:  # the prompt format the model was trained with (the base model: the tokenizer's template)
         fmt = PromptFormat(saved["use_chat_template"], saved["system_prompt"], C.EVAL_FORMAT.max_length)
@@ -364,6 +392,18 @@ class Demo:
         return load_config(None, None, method=method, extra=extra,
                            defaults=FINETUNE_DEFAULTS if method == "sft" else None)
 
+    def _prompt_sections(self) -> dict:
+        """The profile's prompt settings as config sections (data.system_prompt, data.use_chat_template)."""
+        return {"data": dict(self.p.get("prompt") or {})}
+
+    def _prompt_format(self):
+        """The prompt format of models without a saved one (the base model): the profile's."""
+        from pmc_unlearn.evaluation.collect import EVAL_FORMAT
+        from pmc_unlearn.formatting import PromptFormat
+
+        pr = self.p.get("prompt") or {}
+        return PromptFormat(pr.get("use_chat_template", True), pr.get("system_prompt"), EVAL_FORMAT.max_length)
+
     def _normal(self, cfg) -> dict:
         """The resolved config with paths inside the demo folder made relative (keys do not depend on where it lives)."""
         d = cfg.to_dict()
@@ -375,7 +415,6 @@ class Demo:
         return d
 
     def build(self) -> list[Stage]:
-        from pmc_unlearn.data import load_rows
         from pmc_unlearn.methods import METHODS
 
         check_output(self.root)
@@ -385,7 +424,7 @@ class Demo:
         base = p["model"]
         ev = p["evaluate"]
         specs = demo_suite(p["authors"]["forget_split"], data.retain_eval_index,
-                           {**ev, "forget": min(ev["forget"], data.n_forget)})
+                           {**ev, "forget": min(ev["forget"], data.n_forget)}, data.forget_eval_index)
         self.specs = specs
         suite_key = digest([(s.name, s.source, [it.index for it in s.items]) for s in specs])
         n_target = sum(1 for _ in data.target_file.open())
@@ -412,7 +451,7 @@ class Demo:
         ft = p["finetune"]
         models: dict[str, tuple[str, str | None]] = {"base": (base, None)}  # name -> (model path, producing stage)
         for name, f, n in (("target", data.target_file, n_target), ("retain", data.retain_file, n_retain)):
-            cfg = self._cfg("sft", ft, base, str(f), None)
+            cfg = self._cfg("sft", _deep_merge(self._prompt_sections(), ft), base, str(f), None)
             key = digest({"v": DEMO_VERSION, "cfg": self._normal(cfg), "data": data.digest})
             d = root / "runs" / name
             stages.append(Stage(f"finetune/{name}", "finetune", d, key, self._train_runner(cfg, d), train_est(cfg, n)))
@@ -432,11 +471,9 @@ class Demo:
                         f"{', '.join(sorted(METHODS))}); skipped")
                 stages.append(Stage(name, "unlearn", d, "", lambda resume: {}, 0.0, optional=True, skip_reason=note))
                 continue
-            sections = dict(sections or {})
-            if data.n_forget < len(load_rows(data.forget_source)):
-                sections = _deep_merge({"data": {"max_forget": data.n_forget}}, sections)
+            sections = _deep_merge(self._prompt_sections(), dict(sections or {}))
             try:
-                cfg = self._cfg(m, sections, models["target"][0], data.forget_source, str(data.retain_file))
+                cfg = self._cfg(m, sections, models["target"][0], str(data.forget_file), str(data.retain_file))
             except UserError as e:
                 if m == "pmc":
                     raise
@@ -458,6 +495,8 @@ class Demo:
                        "max_new_tokens": ev["max_new_tokens"]}
         if ev.get("dtype", "float32") != "float32":  # (float32 keys stay as they were before the option)
             eval_common["dtype"] = ev["dtype"]
+        if p.get("prompt"):  # the base model is evaluated with the profile's prompt format
+            eval_common["prompt"] = p["prompt"]
         order = ["retain", "target", "base"] + unlearned
         eval_keys: dict[str, str] = {}
         by_name = {s.name: s for s in stages}
@@ -514,6 +553,7 @@ class Demo:
             s = evaluate_subset(model, self.specs, d, reference=reference, self_reference=self_reference,
                                 max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
                                 dtype=ev.get("dtype", "float32"), progress=self.progress,
+                                default_fmt=self._prompt_format(),
                                 notes={"demo_role": role, "retain_split_note": (
                                     f"tofu:retain_perturbed rows of the retain author(s) {self.data.retain_authors} "
                                     "(TOFU author indices), facts the target learned beside the forget authors")})

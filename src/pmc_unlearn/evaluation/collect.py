@@ -428,34 +428,39 @@ def rouge_recall(ground_truth: str, generation: str) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- records
 
-def _compute_items(model, tokenizer, spec: SplitSpec, items: list[EvalItem], fmt: PromptFormat,
+def _compute_items(model, tokenizer, work: list[tuple[SplitSpec, EvalItem]], fmt: PromptFormat,
                    gen: GenSettings, batch_size: int) -> list[Record]:
-    """Records for a few items of one split (one process's share of a batch)."""
-    recs: list[Record] = []
-    for it in items:
-        r: Record = {"split": spec.name, "source": spec.source, "index": it.index,
-                     "question": it.question, "answer": it.answer, **it.extra}
-        recs.append(r)
-    if not items:
-        return recs
-    if spec.nll:
+    """Records for a batch of (split, item) pairs, possibly from several splits (one process's share).
+
+    The teacher-forced part runs on every item whose split asks for it in one `question_scores`
+    call, the greedy part on every item whose split generates in one decoding call: a batch of
+    short splits (the demo's 10-20 questions each) fills the decoder's rows once instead of once
+    per split.
+    """
+    recs: list[Record] = [{"split": sp.name, "source": sp.source, "index": it.index, "question": it.question,
+                           "answer": it.answer, **it.extra} for sp, it in work]
+    nll_at = [k for k, (sp, _) in enumerate(work) if sp.nll]
+    if nll_at:
         # per item: the answer (with stats), the paraphrase, the perturbed answers; one prompt pass each
+        items = [work[k][1] for k in nll_at]
         texts = [[it.answer] + ([it.para_answer] if it.para_answer is not None else []) + list(it.pert_answers or [])
                  for it in items]
         res = question_scores(model, tokenizer, [it.question for it in items], texts, fmt, batch_size)
-        for r, it, ds in zip(recs, items, res):
+        for k, it, ds in zip(nll_at, items, res):
+            r = recs[k]
             r.update(ds[0])
-            k = 1
+            n = 1
             if it.para_answer is not None:
                 r["para_nll"] = ds[1]["nll"]
-                k = 2
+                n = 2
             if it.pert_answers:
-                r["pert_nll"] = [d["nll"] for d in ds[k:]]
-    if spec.generate:
-        gens = generate_greedy(model, tokenizer, [it.question for it in items], fmt, gen.max_new_tokens, batch_size)
-        for r, it, g in zip(recs, items, gens):
-            r.update(generation=g.text, gen_tokens=g.n_tokens, gen_hit_limit=g.hit_limit,
-                     max_new_tokens=gen.max_new_tokens, **rouge_recall(it.answer, g.text))
+                r["pert_nll"] = [d["nll"] for d in ds[n:]]
+    gen_at = [k for k, (sp, _) in enumerate(work) if sp.generate]
+    if gen_at:
+        gens = generate_greedy(model, tokenizer, [work[k][1].question for k in gen_at], fmt, gen.max_new_tokens, batch_size)
+        for k, g in zip(gen_at, gens):
+            recs[k].update(generation=g.text, gen_tokens=g.n_tokens, gen_hit_limit=g.hit_limit,
+                           max_new_tokens=gen.max_new_tokens, **rouge_recall(work[k][1].answer, g.text))
     return recs
 
 
@@ -589,10 +594,11 @@ def collect_records(
 
     _barrier(world)  # every process has read the same finished records before the main one appends
     out_app = _Appender(out_file) if (out_file is not None and main) else None
+    cache_apps: dict[str, _Appender] = {}
     try:
+        pending: list[tuple[SplitSpec, EvalItem]] = []
         for spec in specs:
             key = keys[spec.name]
-            cache_app = None
             if use_cache and main:
                 cdir = cache_root / key
                 cdir.mkdir(parents=True, exist_ok=True)
@@ -601,43 +607,43 @@ def collect_records(
                     meta.write_text(json.dumps({"key": key, "model_fingerprint": fp, "split": spec.name,
                                                 "source": spec.source, "gen": asdict(gen), "fmt": asdict(fmt),
                                                 "schema": SCHEMA_VERSION}, indent=2))
-                cache_app = _Appender(cdir / "records.jsonl")
-            have = {}
+                cache_apps[spec.name] = _Appender(cdir / "records.jsonl")
+            have = set()
             for it in spec.items:
                 r = done.get((key, spec.name, it.index))
                 if r is not None and _matches(r, it):
-                    have[it.index] = r
-            pending = [it for it in spec.items if it.index not in have]
-            # records reused from the cache but missing from records_path are copied there
-            if out_app is not None:
-                out_app.write(r for i, r in have.items() if (key, spec.name, i) not in in_out)
-            if pending:
-                # sorted by length so each batch holds similar lengths (less padding; results do not change)
-                order = sorted(pending, key=lambda it: (len(it.question) + len(it.answer), it.index))
-                step = batch_size * world
-                bar = tqdm(total=len(pending), desc=f"eval {spec.name}", unit="ex", disable=not (progress and main),
-                           leave=False)
-                for start in range(0, len(order), step):
-                    glob = order[start : start + step]
-                    mine = glob[rank::world]
-                    recs = _compute_items(model, tokenizer, spec, mine, fmt, gen, batch_size)
-                    for r in recs:
-                        r["key"] = key
-                    recs = _gather(recs, world)
-                    for r in recs:
-                        have[r["index"]] = r
-                    if main:
-                        if cache_app is not None:
-                            cache_app.write(recs)
-                        if out_app is not None:
-                            out_app.write(recs)
-                    bar.update(len(glob))
-                bar.close()
-            if cache_app is not None:
-                cache_app.close()
-            for it in spec.items:
-                done[(key, spec.name, it.index)] = have[it.index]
+                    have.add(it.index)
+                    if out_app is not None and (key, spec.name, it.index) not in in_out:
+                        out_app.write([r])  # reused from the cache, missing from records_path
+                else:
+                    done.pop((key, spec.name, it.index), None)
+            # sorted by length within each split, so a batch holds similar lengths (results do not change)
+            pending += [(spec, it) for it in sorted((it for it in spec.items if it.index not in have),
+                                                     key=lambda it: (len(it.question) + len(it.answer), it.index))]
+        if pending:
+            # batches run across split boundaries: short splits share one decoding call
+            step = batch_size * world
+            bar = tqdm(total=len(pending), desc="eval " + "/".join(dict.fromkeys(sp.name for sp, _ in pending)),
+                       unit="ex", disable=not (progress and main), leave=False)
+            for start in range(0, len(pending), step):
+                glob = pending[start : start + step]
+                recs = _compute_items(model, tokenizer, glob[rank::world], fmt, gen, batch_size)
+                for r in recs:
+                    r["key"] = keys[r["split"]]
+                recs = _gather(recs, world)
+                for r in recs:
+                    done[(r["key"], r["split"], int(r["index"]))] = r
+                if main:
+                    for name in dict.fromkeys(r["split"] for r in recs):
+                        if name in cache_apps:
+                            cache_apps[name].write(r for r in recs if r["split"] == name)
+                    if out_app is not None:
+                        out_app.write(recs)
+                bar.update(len(glob))
+            bar.close()
     finally:
+        for app in cache_apps.values():
+            app.close()
         if out_app is not None:
             out_app.close()
     return [done[(keys[s.name], s.name, it.index)] for s in specs for it in s.items]

@@ -110,6 +110,8 @@ def privleak(auc_min_k: float, retain_auc_min_k: float | None = None) -> float:
     """(AUC' - AUC'_retain) / AUC'_retain * 100 with AUC' = 1 - AUC(Min-K%); AUC'_retain = 0.5 without a retain model."""
     a = 1.0 - auc_min_k
     ref = DEFAULT_REF_AUC_PRIME if retain_auc_min_k is None else 1.0 - retain_auc_min_k
+    if ref == 0.0:  # a reference that separates forget from holdout perfectly: the ratio is undefined
+        return float("nan")
     return (a - ref) / ref * 100.0
 
 
