@@ -369,7 +369,7 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 # Rough seconds per unit of work on a 2-core CPU for the stage-line ETA (scaled at run time by how
 # the finished stages compared with their estimates).
-_RATE = {"train_example": 0.6, "sample_token": 0.004, "gen_token": 0.006, "nll_seq": 0.12, "fixed": 8.0}
+_RATE = {"train_example": 0.35, "sample_token": 0.0035, "gen_token": 0.004, "nll_seq": 0.07, "fixed": 6.0}
 
 
 class Demo:
