@@ -19,11 +19,10 @@ The parts are timed inside that same call, in the child only, by timed wrappers 
 real functions of `pmc_unlearn.evaluation.collect`, which `evaluate` calls through
 `collect_records` exactly as it otherwise would:
 - the teacher-forced NLL part: `collect.question_scores` (a question's answer, paraphrased and
-  perturbed answers scored with its prompt run once; where this checkout has it) and
-  `collect.answer_scores` (one prompt + answer sequence per answer), with the EM/ES/MIA
+  perturbed answers scored with its prompt run once) or, for models without a KV cache, its
+  fallback `collect.answer_scores` (one prompt + answer sequence per answer), with the EM/ES/MIA
   statistics computed from the same forward;
-- the greedy generation part: `collect.generate_greedy` (and `generate_greedy_ids`, where it
-  exists).
+- the greedy generation part: `collect.generate_greedy` (and `generate_greedy_ids` under it).
 A call made from inside another call of the same part counts once. What a wrapper records (the
 arguments and the outputs) is counted only after `evaluate` has returned, so counting costs the
 measured call nothing. "other s" = total - NLL - generation: model load (also shown apart, from
@@ -43,13 +42,10 @@ How to read the table (medians over repetitions; one row per variant):
   the machine was;
 - model utility / forget ROUGE-L: the summary's values, to check that variants agree.
 
-Variants (`--variants`): `fp32` = the model in float32 (evaluate's default); `bf16-weights` =
-`evaluate(..., dtype="bfloat16")`, the weights themselves in bfloat16 (an existing option);
-`bf16` = a `bf16` option of evaluation (autocast or the like), used where this checkout takes
-it: `evaluate(..., bf16=True)`, else `collect_records(..., bf16=True)`, else passed to the
-timed NLL and generation functions that take it. When this benchmark was written, none took
-one, and the default was `fp32` alone; the default is `fp32,bf16` when the option exists.
-"speed vs" is the median of per-repetition ratios of the first variant's total time to this one's.
+Variants (`--variants`): `fp32` = the model in float32 (evaluate's default, the exact path);
+`bf16` = `evaluate(..., dtype="bfloat16")`, the weights in bfloat16 (what the demo profiles use,
+and how open-unlearning evaluates). "speed vs" is the median of per-repetition ratios of the
+first variant's total time to this one's.
 """
 
 from __future__ import annotations
@@ -66,27 +62,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-VARIANTS = ("fp32", "bf16-weights", "bf16")
-# The functions a part is made of, outermost first; whichever of them this checkout has is timed
-# (a call nested in another of the same part counts once).
+VARIANTS = {"fp32": "float32", "bf16": "bfloat16"}  # variant -> evaluate(dtype=...)
+# The functions a part is made of, outermost first (a call nested in another of the same part
+# counts once: question_scores falls back to answer_scores for models without a KV cache).
 PARTS = {"nll": ("question_scores", "answer_scores"), "gen": ("generate_greedy", "generate_greedy_ids")}
-
-
-def _takes_bf16(fn) -> bool:
-    return "bf16" in inspect.signature(fn).parameters
-
-
-def bf16_route() -> str | None:
-    """Where this checkout takes a bf16 option for evaluation: 'evaluate', 'collect_records', 'parts' or None."""
-    from pmc_unlearn.evaluation import api, collect
-
-    if _takes_bf16(api.evaluate):
-        return "evaluate"
-    if _takes_bf16(collect.collect_records):
-        return "collect_records"
-    if all(any(_takes_bf16(getattr(collect, f)) for f in fs if hasattr(collect, f)) for fs in PARTS.values()):
-        return "parts"
-    return None
 
 
 def _count(nll_calls: list[dict], gen_calls: list[dict]) -> dict:
@@ -123,20 +102,7 @@ def child(spec: dict) -> None:
         os.environ["PMC_UNLEARN_EVAL_CACHE"] = cache  # belt and braces: use_cache=False already reads/writes none
         from pmc_unlearn.evaluation import api, collect
 
-        route = bf16_route() if spec["variant"] == "bf16" else None
-        if spec["variant"] == "bf16" and route is None:
-            raise SystemExit("variant bf16: this checkout's evaluation has no bf16 option")
-        kw = {"dtype": "bfloat16"} if spec["variant"] == "bf16-weights" else {}
-        if route == "evaluate":
-            kw["bf16"] = True
-        originals = {f: getattr(collect, f) for fs in (*PARTS.values(), ("collect_records",)) for f in fs
-                     if hasattr(collect, f)}
-
-        def with_bf16(fn):  # the bf16 option passed at the level this checkout takes it
-            if ((route == "collect_records" and fn is originals["collect_records"])
-                    or (route == "parts" and _takes_bf16(fn))):
-                return lambda *a, **k: fn(*a, **{**k, "bf16": True})
-            return fn
+        originals = {f: getattr(collect, f) for fs in PARTS.values() for f in fs}
 
         sw = C.Stopwatch()
         calls: dict[str, list[dict]] = {"nll": [], "gen": []}
@@ -150,13 +116,13 @@ def child(spec: dict) -> None:
                         b.apply_defaults()
                         calls[part].append({"fn": f, **b.arguments, "out": out})
 
-                    setattr(collect, f, sw.wrap(part, with_bf16(originals[f]), keep))
-        collect.collect_records = with_bf16(originals["collect_records"])
+                    setattr(collect, f, sw.wrap(part, originals[f], keep))
 
         c0, t0 = time.process_time(), time.perf_counter()
         summary = api.evaluate(spec["model"], spec["split"], None, require_forget_quality=False,
                                max_examples=spec["max_examples"], batch_size=spec["batch_size"],
-                               max_new_tokens=spec["max_new_tokens"], use_cache=False, progress=False, **kw)
+                               max_new_tokens=spec["max_new_tokens"], use_cache=False, progress=False,
+                               dtype=VARIANTS[spec["variant"]])
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = C.peak_rss_mb()
         for f, fn in originals.items():
@@ -166,7 +132,7 @@ def child(spec: dict) -> None:
     nll_s, gen_s = sw.seconds.get("nll", 0.0), sw.seconds.get("gen", 0.0)
     rate = lambda x, s: x / s if s else None  # noqa: E731
     C.emit({"total_s": total, "cpu_s": cpu, "peak_rss_mb": peak, "load_s": summary.get("time_load_s"),
-            "collect_s": summary.get("time_collect_s"), "dtype": summary.get("dtype"), "bf16_route": route,
+            "collect_s": summary.get("time_collect_s"), "dtype": summary.get("dtype"),
             "nll_fns": sorted({c["fn"] for c in calls["nll"]}), "gen_fns": sorted({c["fn"] for c in calls["gen"]}),
             "nll_s": nll_s, "nll_calls": sw.calls.get("nll", 0), "gen_s": gen_s, "gen_calls": sw.calls.get("gen", 0),
             **n, "nll_seq_s": rate(n["nll_pairs"], nll_s), "nll_tok_s": rate(n["nll_pair_tokens"], nll_s),
@@ -184,25 +150,19 @@ def main() -> None:
     ap.add_argument("--max-examples", type=int, default=None, help="first N rows of every split (default: all)")
     ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--variants", default=None,
-                    help=f"comma-separated, the baseline first, from {', '.join(VARIANTS)} "
-                         "(default: fp32,bf16 when evaluation has a bf16 option, else fp32)")
+    ap.add_argument("--variants", default="fp32,bf16",
+                    help=f"comma-separated, the baseline first, from {', '.join(VARIANTS)}")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--json", help="write all measurements here")
     a = ap.parse_args()
     if a.child:
         return child(json.loads(a.child))
 
-    route = bf16_route()
-    variants = (a.variants or ("fp32,bf16" if route else "fp32")).split(",")
+    variants = a.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         ap.error(f"--variants: unknown {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
-    if "bf16" in variants and route is None:
-        ap.error("--variants bf16: this checkout's evaluate() / collect functions have no bf16 option "
-                 "(bf16-weights loads the weights in bfloat16 instead)")
     info, load0 = C.start()
-    print(f"# bf16 option in evaluation: {route or 'none'}", flush=True)
 
     def run(v, rep):
         spec = {"model": a.model, "split": a.split, "max_examples": a.max_examples, "max_new_tokens": a.max_new_tokens,
