@@ -51,6 +51,7 @@ def test_run_writes_every_output(tmp_path):
         group = [s["score"] for s in samples if s["step"] == c["step"] and s["index"] == c["index"]]
         assert c["score"] == min(group)
     assert list((out / "checkpoints").iterdir())
+    assert "train/checkpoint" in man["phases_s"]
     # the weights moved
     from pmc_unlearn.models import load_model
 
@@ -187,3 +188,12 @@ def test_two_processes_end_with_equal_weights(tmp_path):
     assert man["processes"] == 2
     fps = man["rank_fingerprints"]
     assert len(fps) == 2 and fps[0] == fps[1]
+
+
+def test_save_every_minus_one_writes_no_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert main([*BASE, "--output", str(out), *FAST, "train.save_every=-1"]) == 0
+    assert (out / "model" / "model.safetensors").exists()
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "completed" and "train/checkpoint" not in man["phases_s"]

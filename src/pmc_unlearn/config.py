@@ -72,7 +72,8 @@ class TrainConfig:
     sampler: str = opt("fast", "sampling backend: fast (our decode loop: prefill once per prompt, no full-vocab sort), "
                         "hf (plain transformers generate), vllm (optional extra)", choices=("fast", "hf", "vllm"))
     seed: int = opt(0, "seed for data order, retain draws and sampling (all derived deterministically)")
-    save_every: int = opt(0, "checkpoint every N optimizer steps (0: at the end of every epoch)", min=0)
+    save_every: int = opt(0, "checkpoint every N optimizer steps (0: at the end of every epoch; -1: never, "
+                             "for runs of a minute or two: a crash restarts the run)", min=-1)
     keep_checkpoints: int = opt(1, "how many checkpoints to keep", min=1)
     log_every: int = opt(1, "write a log.jsonl line every N optimizer steps", min=1)
 

@@ -321,14 +321,16 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
             bar.update(1)
             group, group_len, tokens, t_step = [], 0, 0, time.perf_counter()
             end_of_epoch = j == plan.micro_per_epoch - 1
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or (not cfg.train.save_every and end_of_epoch) or step == total:
+            every = cfg.train.save_every
+            if every >= 0 and ((every and step % every == 0) or (not every and end_of_epoch) or step == total):
                 with timer("train/checkpoint"):  # inside "train": a sub-phase, not added to wall time
                     checkpoint()
     bar.close()
     if stopped_early:
         log.info("train.max_time_s=%s reached after %d of %d optimizer steps", cfg.train.max_time_s, step, total)
-        with timer("checkpoint"):
-            checkpoint()
+        if cfg.train.save_every >= 0:
+            with timer("checkpoint"):
+                checkpoint()
 
     with timer("save"):
         if main:
