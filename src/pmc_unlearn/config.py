@@ -68,7 +68,7 @@ class TrainConfig:
     warmup_epochs: float = opt(1.0, "linear warm-up length in epochs (authors: 1)", min=0.0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", min=0.0)
     bf16: bool = opt(True, "bf16 autocast for forward/backward (fp32 master weights); about 1.6x faster on CPUs with AVX-512 bf16")
-    max_time_s: float = opt(0.0, "stop after this much training wall time in seconds (0: no limit); e.g. retain_ft for the same time as a PMC run", min=0.0)
+    max_time_s: float = opt(0.0, "stop after this much training wall time in seconds (0: no limit); the learning rate then decays over the time or the steps, whichever ends first; e.g. retain_ft for the same time as a PMC run", min=0.0)
     sampler: str = opt("fast", "sampling backend: fast (our decode loop: prefill once per prompt, no full-vocab sort), "
                         "hf (plain transformers generate), vllm (optional extra)", choices=("fast", "hf", "vllm"))
     seed: int = opt(0, "seed for data order, retain draws and sampling (all derived deterministically)")

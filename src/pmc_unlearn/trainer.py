@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -98,11 +98,20 @@ def shard_indices(n: int, seed: int, epoch: int, world: int, rank: int) -> list[
     return padded[rank::world]
 
 
-def linear_schedule(warmup: int, total: int):
+def linear_schedule(warmup: int, total: int, time_used: Callable[[], float] | None = None):
+    """LR factor per optimizer step: linear warm-up over `warmup` steps, then linear decay to 0 at `total`.
+
+    With `time_used` (the share of a time budget spent, 0..1: `train.max_time_s` runs), the decay
+    follows whichever ends first, the steps or the time, so a run the clock stops still ends
+    at a learning rate near 0 (retain_ft matched to a PMC run's time).
+    """
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return step / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+        left = (total - step) / max(1, total - warmup)
+        if time_used is not None:
+            left = min(left, 1.0 - time_used())
+        return max(0.0, left)
 
     return f
 
@@ -195,7 +204,13 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
     method.configure_model(model)  # e.g. RMU freezes weights: before AdamW and DDP see them
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                             **({"fused": True} if _fused_adamw_ok(model, acc.device) else {}))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(plan.warmup_steps, total))
+    clock: dict[str, float] = {}  # "start": when training started, resumed runs counting earlier time
+
+    def time_used() -> float:
+        return (time.perf_counter() - clock["start"]) / cfg.train.max_time_s if "start" in clock else 0.0
+
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, linear_schedule(plan.warmup_steps, total, time_used if cfg.train.max_time_s else None))
     model, opt = acc.prepare(model, opt)
 
     fmt = PromptFormat(cfg.data.use_chat_template, cfg.data.system_prompt, cfg.data.max_length)
@@ -260,6 +275,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
     shard: list[int] = []
     autocast = torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     train_started = time.perf_counter() - (manifest.data["phases_s"].get("train", 0.0) if manifest else 0.0)
+    clock["start"] = train_started
     stopped_early = False
     with timer("train"):
         for m, (epoch, j, last) in enumerate(schedule):
