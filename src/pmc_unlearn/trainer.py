@@ -204,13 +204,17 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
     method.configure_model(model)  # e.g. RMU freezes weights: before AdamW and DDP see them
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                             **({"fused": True} if _fused_adamw_ok(model, acc.device) else {}))
-    clock: dict[str, float] = {}  # "start": when training started, resumed runs counting earlier time
+    # Training time for train.max_time_s: wall time in the loop less checkpoint writing (a resumed
+    # run counts its earlier time). Read when called: a method may set max_time_s in its setup.
+    clock: dict[str, float] = {}
+
+    def train_seconds() -> float:
+        return time.perf_counter() - clock["start"] - clock["ckpt"] if "start" in clock else 0.0
 
     def time_used() -> float:
-        return (time.perf_counter() - clock["start"]) / cfg.train.max_time_s if "start" in clock else 0.0
+        return train_seconds() / cfg.train.max_time_s if cfg.train.max_time_s else 0.0
 
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, linear_schedule(plan.warmup_steps, total, time_used if cfg.train.max_time_s else None))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(plan.warmup_steps, total, time_used))
     model, opt = acc.prepare(model, opt)
 
     fmt = PromptFormat(cfg.data.use_chat_template, cfg.data.system_prompt, cfg.data.max_length)
@@ -274,14 +278,15 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
     cur_epoch = -1
     shard: list[int] = []
     autocast = torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    train_started = time.perf_counter() - (manifest.data["phases_s"].get("train", 0.0) if manifest else 0.0)
-    clock["start"] = train_started
+    done_s = manifest.data["phases_s"] if manifest else {}
+    clock["start"] = time.perf_counter() - done_s.get("train", 0.0)
+    clock["ckpt"] = done_s.get("train/checkpoint", 0.0)
     stopped_early = False
     with timer("train"):
         for m, (epoch, j, last) in enumerate(schedule):
             if m < micro_done:
                 continue
-            if cfg.train.max_time_s and group_len == 0 and time.perf_counter() - train_started >= cfg.train.max_time_s:
+            if cfg.train.max_time_s and group_len == 0 and train_seconds() >= cfg.train.max_time_s:
                 stopped_early = True  # only between optimizer steps, so the saved state is consistent
                 break
             if epoch != cur_epoch:
@@ -339,8 +344,10 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
             end_of_epoch = j == plan.micro_per_epoch - 1
             every = cfg.train.save_every
             if every >= 0 and ((every and step % every == 0) or (not every and end_of_epoch) or step == total):
+                t_ck = time.perf_counter()
                 with timer("train/checkpoint"):  # inside "train": a sub-phase, not added to wall time
                     checkpoint()
+                clock["ckpt"] += time.perf_counter() - t_ck
     bar.close()
     if stopped_early:
         log.info("train.max_time_s=%s reached after %d of %d optimizer steps", cfg.train.max_time_s, step, total)

@@ -526,7 +526,7 @@ class RMU(_Baseline):
 # ----- retain-only fine-tuning -------------------------------------------------------------------
 
 def matched_train_seconds(run_dir: str | Path) -> float:
-    """Training wall time of a finished run: manifest.json phases_s.train."""
+    """Training wall time of a finished run: manifest.json phases_s.train less its checkpoint writing."""
     p = Path(run_dir).expanduser() / "manifest.json"
     if not p.exists():
         raise UserError(f"retain_ft.match_run={run_dir}: no manifest.json there; pass the output folder of a finished run")
@@ -539,13 +539,15 @@ def matched_train_seconds(run_dir: str | Path) -> float:
     t = man.get("phases_s", {}).get("train")
     if not isinstance(t, (int, float)) or t <= 0:
         raise UserError(f"retain_ft.match_run={run_dir}: manifest.json has no phases_s.train time")
-    return float(t)
+    # checkpoint writing is not training: train.max_time_s does not count it either
+    return float(t) - float(man["phases_s"].get("train/checkpoint", 0.0))
 
 
 @dataclass
 class RetainFTConfig:
     match_run: str = opt("", "folder of a finished run (e.g. PMC) whose training wall time (manifest.json "
-                             "phases_s.train) becomes train.max_time_s; empty: train.max_time_s / train.epochs as given")
+                             "phases_s.train less train/checkpoint) becomes train.max_time_s; set train.epochs high "
+                             "so the time ends the run; empty: train.max_time_s / train.epochs as given")
 
     def validate(self) -> None:
         if self.match_run:
