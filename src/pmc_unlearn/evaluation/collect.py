@@ -39,7 +39,7 @@ from pmc_unlearn.data import TOFU_SPLITS, load_qa, load_rows, read_jsonl_dicts
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation import scores
-from pmc_unlearn.formatting import IGNORE, Example, PromptFormat, answer_ids, collate_train, encode_pair, fit_length, prompt_ids, prompt_text
+from pmc_unlearn.formatting import IGNORE, Example, PromptFormat, answer_ids, collate_prompts, collate_train, encode_pair, fit_length, prompt_ids, prompt_text
 from pmc_unlearn.losses import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -227,13 +227,9 @@ def _shared_prompt_scores(model, prompt: list[list[int]], groups: list[list[Exam
     from transformers import DynamicCache
 
     dev = _device(model)
-    P = max(len(p) for p in prompt)
-    q_ids = torch.full((len(prompt), P), pad_id, dtype=torch.long)
-    q_mask = torch.zeros((len(prompt), P), dtype=torch.long)
-    for i, p in enumerate(prompt):
-        q_ids[i, P - len(p):] = torch.tensor(p)
-        q_mask[i, P - len(p):] = 1
-    q_ids, q_mask = q_ids.to(dev), q_mask.to(dev)
+    q = collate_prompts(prompt, pad_id)  # left-padded: every prompt ends at position P-1
+    q_ids, q_mask = q["input_ids"].to(dev), q["attention_mask"].to(dev)
+    P = q_ids.shape[1]
     q_pos = (q_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     last = model(input_ids=q_ids, attention_mask=q_mask, position_ids=q_pos, past_key_values=cache, use_cache=True,
