@@ -84,6 +84,11 @@ def median(xs) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def speedup(runs: list[dict], base_runs: list[dict], key: str) -> str:
+    """Median of per-repetition ratios base[key] / run[key] (runs interleaved rep by rep), as '1.23x'."""
+    return f"{median(b[key] / r[key] for r, b in zip(runs, base_runs)):.2f}x"
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     def fmt(x):
         if isinstance(x, float):

@@ -180,8 +180,7 @@ def main() -> None:
     rows = []
     for v in variants:
         rs = res[v]
-        speed = [b["total_s"] / r["total_s"] for r, b in zip(rs, res[base])]
-        rows.append([v, C.median(r["total_s"] for r in rs), f"{C.median(speed):.2f}x", C.median(r["load_s"] for r in rs),
+        rows.append([v, C.median(r["total_s"] for r in rs), C.speedup(rs, res[base], "total_s"), C.median(r["load_s"] for r in rs),
                      C.median(r["nll_s"] for r in rs), C.median(r["nll_seq_s"] for r in rs),
                      C.median(r["nll_tok_s"] for r in rs), C.median(r["nll_run_tok_s"] for r in rs),
                      C.median(r["gen_s"] for r in rs),

@@ -278,9 +278,8 @@ def main() -> None:
     rows = []
     for v in variants:
         rs = res[v]
-        speed = [b["wall_s"] / r["wall_s"] for r, b in zip(rs, res[base])]
         q = rs[0]
-        rows.append([v, C.median(r["wall_s"] for r in rs), f"{C.median(speed):.2f}x",
+        rows.append([v, C.median(r["wall_s"] for r in rs), C.speedup(rs, res[base], "wall_s"),
                      C.median(r["peak_rss_mb"] for r in rs), C.median(r["cpu_s"] / r["wall_s"] for r in rs),
                      q.get("final_score_mean"), q.get("unresolved"),
                      q.get("unlearn_quality", q.get("forget_rougeL_vs_dataset", "-")), q.get("utility", "-")])

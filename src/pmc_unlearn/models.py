@@ -184,6 +184,19 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+def takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM's forward takes `logits_to_keep` (looking through DDP and peft wrappers)."""
+    import inspect
+
+    m = getattr(model, "module", model)  # DDP
+    if hasattr(m, "get_base_model"):  # peft passes extra arguments through to the base model
+        m = m.get_base_model()
+    try:
+        return "logits_to_keep" in inspect.signature(m.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 PROMPT_FORMAT_FILE = "pmc_unlearn_prompt.json"
 
 

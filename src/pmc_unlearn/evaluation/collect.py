@@ -41,6 +41,7 @@ from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation import scores
 from pmc_unlearn.formatting import IGNORE, Example, PromptFormat, answer_ids, collate_prompts, collate_train, encode_pair, fit_length, prompt_ids, prompt_text
 from pmc_unlearn.losses import token_logprobs
+from pmc_unlearn.models import takes_logits_to_keep
 
 log = logging.getLogger(__name__)
 
@@ -158,16 +159,6 @@ def _sorted_chunks(n: int, length: Callable[[int], int], batch_size: int) -> lis
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def _takes_logits_to_keep(model) -> bool:
-    import inspect
-
-    fwd = getattr(model, "forward", None)
-    try:
-        return "logits_to_keep" in inspect.signature(fwd).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 @torch.inference_mode()
 def _forward_scores(model, examples: list[Example], with_stats: list[bool], pad_id: int) -> list[dict]:
     """One right-padded forward pass; per example the answer NLL and, where asked, EM/ES/MIA scores."""
@@ -179,7 +170,7 @@ def _forward_scores(model, examples: list[Example], with_stats: list[bool], pad_
     # positions. `keep` positions [T-keep, T) come back; labels are cut to the same window.
     keep = T - min(len(e.prompt) for e in examples) + 1
     # (an index tensor, not the int form: slicing a strided view makes matmul copy the LM head)
-    kw = {"logits_to_keep": torch.arange(T - keep, T, device=dev)} if _takes_logits_to_keep(model) else {}
+    kw = {"logits_to_keep": torch.arange(T - keep, T, device=dev)} if takes_logits_to_keep(model) else {}
     logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev), **kw).logits
     labels = batch["labels"][:, T - logits.shape[1]:].to(dev)  # [B, keep] (or [B, T] without logits_to_keep)
     return _scores_from_logits(logits, labels, examples, with_stats)
@@ -262,7 +253,7 @@ def _shared_prompt_scores(model, prompt: list[list[int]], groups: list[list[Exam
 
 def _supports_shared_prompt(model) -> bool:
     """Prefix sharing needs a KV cache the forward accepts with explicit positions (decoder-only HF models)."""
-    return _takes_logits_to_keep(model) and getattr(getattr(model, "config", None), "is_encoder_decoder", False) is False
+    return takes_logits_to_keep(model) and getattr(getattr(model, "config", None), "is_encoder_decoder", False) is False
 
 
 def question_scores(

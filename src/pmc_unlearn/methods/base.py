@@ -107,18 +107,6 @@ class Method:
         return {}
 
 
-def _forward_takes_logits_to_keep(model) -> bool:
-    import inspect
-
-    m = getattr(model, "module", model)  # DDP
-    if hasattr(m, "get_base_model"):  # peft passes extra arguments through to the base model
-        m = m.get_base_model()
-    try:
-        return "logits_to_keep" in inspect.signature(m.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of a right-padded batch, from the first position that predicts an answer token on.
 
@@ -127,6 +115,7 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     same window, so every shift-based loss gives the numbers of the full-length logits.
     """
     from pmc_unlearn.formatting import IGNORE
+    from pmc_unlearn.models import takes_logits_to_keep
 
     labels = batch["labels"]
     T = labels.shape[1]
@@ -134,7 +123,7 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     first = int(counted.float().argmax()) if bool(counted.any()) else 1
     start = max(0, first - 1)  # the position that predicts the first answer token
     kw = {}
-    if start > 0 and _forward_takes_logits_to_keep(model):
+    if start > 0 and takes_logits_to_keep(model):
         # an index tensor: the int form slices a strided view, which makes matmul copy the LM head
         kw["logits_to_keep"] = torch.arange(start, T, device=labels.device)
     else:

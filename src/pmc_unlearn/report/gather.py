@@ -94,19 +94,6 @@ def _json(path: Path) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return read_jsonl_dicts(path)  # lines cut by an interrupted write are skipped
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by an interrupted write
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out
 
 
 def _yaml(path: Path) -> dict[str, Any]:
@@ -129,7 +116,7 @@ def read_run(p: Path, m: ModelResult) -> None:
     m.run_dir = p
     m.manifest = _json(p / "manifest.json") if (p / "manifest.json").exists() else {}
     m.config = _yaml(p / "config.yaml") if (p / "config.yaml").exists() else {}
-    m.log = _jsonl(p / "log.jsonl")
+    m.log = read_jsonl_dicts(p / "log.jsonl")
     m.method = m.method or m.config.get("method") or m.manifest.get("method")
     if (p / "attacks.json").exists() and m.attacks is None:
         m.attacks = _json(p / "attacks.json")
@@ -138,7 +125,7 @@ def read_run(p: Path, m: ModelResult) -> None:
 def read_eval(p: Path, m: ModelResult) -> None:
     m.eval_dir = p
     m.summary = _json(p / "summary.json")
-    m.records = _jsonl(p / "records.jsonl")
+    m.records = read_jsonl_dicts(p / "records.jsonl")
     if (p / "attacks.json").exists() and m.attacks is None:
         m.attacks = _json(p / "attacks.json")
 
