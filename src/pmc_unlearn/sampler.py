@@ -27,6 +27,7 @@ from typing import Protocol
 
 import torch
 
+from pmc_unlearn.cpu import adapt_threads
 from pmc_unlearn.formatting import collate_prompts
 from pmc_unlearn.sampling_ops import greedy_next, row_seed, row_uniforms, sample_next
 
@@ -98,6 +99,7 @@ class HFSampler:
         model.eval()
         try:
             for c0 in range(0, len(order), per_chunk):
+                adapt_threads()
                 idx = order[c0 : c0 + per_chunk]
                 batch = collate_prompts([prompts[i] for i in idx], pad)
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -515,6 +517,7 @@ class FastSampler:
         runner.eval()
         try:
             for c0 in range(0, len(order), per_chunk):
+                adapt_threads()
                 idx = order[c0 : c0 + per_chunk]
                 rows = self._decode(runner, decoder, [prompts[i] for i in idx], n, [s for i in idx for s in seeds[i]],
                                     stop, max_new_tokens, temperature, top_k, top_p, greedy)
@@ -587,6 +590,7 @@ class FastSampler:
             if blocks:
                 model.config._attn_implementation = BLOCK_ATTENTION
             for t in range(max_new):
+                adapt_threads()
                 if greedy:
                     nxt = greedy_next(logits)
                 else:
@@ -643,7 +647,8 @@ class VLLMSampler:
     Facts it relies on (docs/vllm-cpu.md): the engine must run in-process
     (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set here before vLLM is imported) so that
     `collective_rpc("reload_weights", weights_iterator=...)` can take tensors directly;
-    `model_runner.model.load_weights` fails on CPU. After a push the prefix cache is reset.
+    `model_runner.model.load_weights` fails on CPU. After a push the prefix cache is reset. The LM
+    head is pushed even when tied to the embeddings (the CPU backend keeps its own copy of it).
 
     - The engine starts at the first call from a snapshot of the live model saved to a temporary
       folder (in /dev/shm when it exists); that takes about a minute on CPU.
@@ -724,8 +729,12 @@ class VLLMSampler:
         if is_peft(model):  # push merged weights: the engine knows nothing of adapters
             model = copy.deepcopy(model).merge_and_unload()
         sd = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
-        if getattr(model.config, "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)  # tied: vLLM loads it from the embeddings
+        if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in sd:
+            # Tied weights must still be pushed as the head: vLLM's CPU backend keeps the LM head as
+            # its own repacked copy, so pushing only the embeddings left the head stale (measured:
+            # 0.0155 nats off after one SGD step; the guard below caught it).
+            emb = model.get_input_embeddings().weight
+            sd["lm_head.weight"] = emb.detach().to(dtype)
         return sd
 
     def _push(self, model) -> None:
