@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pmc-installed
-# OpenMP spin-waiting makes small torch ops up to 30x slower when another process holds a core.
-export OMP_WAIT_POLICY ?= PASSIVE
+# OpenMP's wait policy: the CLI asks for a short spin and follows the load (pmc_unlearn/cpu.py);
+# the tests run with OMP_WAIT_POLICY=PASSIVE (tests/conftest.py). Set either to override.
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 

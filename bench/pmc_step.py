@@ -2,6 +2,15 @@
 
     python bench/pmc_step.py                          # 16 forget01 questions, 1 epoch, 3 reps, + eval
     python bench/pmc_step.py --reps 1 --eval none     # quicker
+    python bench/pmc_step.py --start base             # from the untuned model (it rambles: long samples)
+
+Starting point (`--start`): PMC unlearns a model fine-tuned on TOFU (the authors start from one
+fine-tuned on all 4000 pairs), so the default `target` is the bundled model fine-tuned here once
+on forget01's 40 pairs and retain99's first 40 (4 epochs, lr 2e-4, batch 8, bf16 autocast: about
+2 minutes, cached under the library's cache folder, `bench/pmc-step-target-v1`). Its answers are
+TOFU-length (about 35 tokens), as in real use. `--start base` runs the untuned bundled model,
+which at T=1.25 fills the 128-token limit in most samples: a worst case for dynamic padding and
+for dropping finished rows.
 
 Variants (each run in a fresh process, interleaved across repetitions):
 - `ours-fast`: `pmc_unlearn.trainer.train` with the fast sampler (`pmc.sample_batch_rows=256`,
@@ -15,8 +24,9 @@ Variants (each run in a fresh process, interleaved across repetitions):
   clipping and bf16 autocast.
 Same config for all: smollm2-135m, the first `--questions` of tofu:forget01, retain99,
 micro-batch 8, grad_accum 1, n=5, T=1.25, top_p=0.95, top_k=50, max_new_tokens=128, lr 5e-5
-without warm-up (one epoch), seed 0. The trainer's wall time includes its checkpoint and final
-save (phases are listed apart); `simple` saves nothing.
+without warm-up (one epoch), seed 0. The trainer runs with `train.save_every=-1` (no checkpoint:
+`simple` writes none either); its wall time includes saving the final model (about 1 s, listed
+in the phases); `simple` keeps its model in memory.
 
 Quality at the end (`--eval suite`): `pmc_unlearn.evaluation.evaluate` on forget01 with
 `--eval-examples` rows per split and greedy answers of up to `--eval-tokens` tokens (no forget
@@ -41,10 +51,45 @@ OVERRIDES = ["data.forget=tofu:forget01", "data.retain=tofu:retain99", "train.ba
              "pmc.temperature=1.25", "pmc.top_p=0.95", "pmc.top_k=50", "pmc.max_new_tokens=128"]
 
 
+TARGET_VERSION = "pmc-step-target-v1"
+TARGET_TRAIN = ["train.epochs=4", "train.lr=2e-4", "train.batch_size=8", "train.grad_accum=1", "train.warmup_epochs=0.5",
+                "train.bf16=true", "train.seed=0", "train.save_every=-1"]
+
+
+def target_dir() -> Path:
+    from pmc_unlearn.models import cache_root
+
+    return cache_root() / "bench" / TARGET_VERSION
+
+
+def build_target(spec: dict) -> dict:
+    """Fine-tune the bundled model on forget01 + 40 retain99 pairs (the starting point PMC unlearns)."""
+    import pmc_unlearn.trainer as T
+    from pmc_unlearn.config import load_config
+    from pmc_unlearn.data import load_qa
+
+    out = target_dir()
+    rows = load_qa("tofu:forget01", require_answers=True, role="forget") + \
+        load_qa("tofu:retain99", require_answers=True, role="retain")[:40]
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows))
+    cfg = load_config(None, [f"model.name={spec['base_model']}", f"data.forget={data}"] + TARGET_TRAIN, method="sft")
+    t0 = time.perf_counter()
+    T.train(cfg, work / "run")
+    (work / "run" / "model" / "bench-target.json").write_text(json.dumps({"rows": len(rows), "train": TARGET_TRAIN}))
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    work.rename(out)
+    return {"wall_s": time.perf_counter() - t0}
+
+
 def _config(spec: dict, extra: list[str]):
     from pmc_unlearn.config import load_config
 
-    return load_config(None, OVERRIDES + [f"data.max_forget={spec['questions']}",
+    return load_config(None, OVERRIDES + [f"model.name={spec['model']}", f"data.max_forget={spec['questions']}",
                                           f"pmc.max_new_tokens={spec['max_new_tokens']}"] + extra, method="pmc")
 
 
@@ -52,7 +97,7 @@ def run_ours(spec: dict, out: Path) -> dict:
     import pmc_unlearn.trainer as T
     from pmc_unlearn.sampler import SAMPLERS
 
-    extra = ["pmc.sample_batch_rows=256"] if spec["variant"] == "ours-fast" else []
+    extra = ["train.save_every=-1"] + (["pmc.sample_batch_rows=256"] if spec["variant"] == "ours-fast" else [])
     cfg = _config(spec, extra)
     backend = "fast" if spec["variant"] == "ours-fast" else "hf"
     spent = {"sampling": 0.0}
@@ -234,6 +279,8 @@ def child(spec: dict) -> None:
     import torch
 
     torch.manual_seed(0)
+    if spec["variant"] == "build-target":
+        return C.emit(build_target(spec))
     with tempfile.TemporaryDirectory(prefix="pmc-bench-") as tmp:
         c0 = time.process_time()
         r = run_simple(spec) if spec["variant"] == "simple" else run_ours(spec, Path(tmp))
@@ -250,6 +297,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child")
     ap.add_argument("--questions", type=int, default=16)
+    ap.add_argument("--start", default="target", choices=("target", "base"),
+                    help="target: the bundled model fine-tuned on TOFU here (built once, cached); base: untuned")
+    ap.add_argument("--model", default="smollm2-135m", help="the bundled model (or another) the target is built from")
     ap.add_argument("--variants", default="simple,ours-hf,ours-fast")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
@@ -261,13 +311,20 @@ def main() -> None:
     if a.child:
         return child(json.loads(a.child))
     variants = a.variants.split(",")
+    model = a.model
+    if a.start == "target":
+        model = str(target_dir() / "run" / "model")
+        if not (Path(model) / "bench-target.json").exists():
+            print(f"# building the fine-tuned starting point once: {target_dir()} (about 2 minutes)", flush=True)
+            r = C.run_child("pmc_step.py", {"variant": "build-target", "base_model": a.model}, timeout=7200)
+            print(f"# built in {r['wall_s']:.0f} s", flush=True)
     info = C.machine()
     load0 = C.loadavg()
-    print(f"# machine: {info}\n# load before: {load0}", flush=True)
+    print(f"# machine: {info}\n# start: {a.start} ({model})\n# load before: {load0}", flush=True)
     res: dict[str, list] = {v: [] for v in variants}
     for rep in range(a.reps):
         for v in variants[rep % len(variants):] + variants[: rep % len(variants)]:
-            spec = {"variant": v, "questions": a.questions, "max_new_tokens": a.max_new_tokens, "eval": a.eval if rep == 0 else "none",
+            spec = {"variant": v, "model": model, "questions": a.questions, "max_new_tokens": a.max_new_tokens, "eval": a.eval if rep == 0 else "none",
                     "eval_examples": a.eval_examples, "eval_tokens": a.eval_tokens}
             r = C.run_child("pmc_step.py", spec, timeout=7200)
             res[v].append(r)
@@ -283,7 +340,7 @@ def main() -> None:
                      C.median(r["peak_rss_mb"] for r in rs), C.median(r["cpu_s"] / r["wall_s"] for r in rs),
                      q.get("final_score_mean"), q.get("unresolved"),
                      q.get("unlearn_quality", q.get("forget_rougeL_vs_dataset", "-")), q.get("utility", "-")])
-    print(f"\nOne PMC epoch, {a.questions} tofu:forget01 questions (micro-batch 8, n=5, max_new_tokens={a.max_new_tokens}, "
+    print(f"\nOne PMC epoch from {a.start} ({model}), {a.questions} tofu:forget01 questions (micro-batch 8, n=5, max_new_tokens={a.max_new_tokens}, "
           "bf16 autocast), "
           f"{a.reps} interleaved reps, medians; quality from rep 0 ({a.eval}); load avg before {load0}, after {load1}\n")
     qname = "unlearn quality" if a.eval == "suite" else "forget ROUGE-L (vs dataset)"

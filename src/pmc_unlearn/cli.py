@@ -13,8 +13,11 @@ import logging
 import os
 import sys
 
-# Must be set before torch is imported: OpenMP spin-waiting slows small ops badly when a core is busy.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from pmc_unlearn.cpu import configure_env  # noqa: E402  (imports no torch)
+
+# Before torch is imported: a short OpenMP spin (pmc_unlearn.cpu explains the trade-off; the
+# thread count then follows the machine's load), unless the user chose a wait policy.
+configure_env()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pmc_unlearn.errors import TrainingDiverged, UserError  # noqa: E402

@@ -32,6 +32,7 @@ import torch
 
 from pmc_unlearn import rundir
 from pmc_unlearn.config import RunConfig, dump_config
+from pmc_unlearn.cpu import adapt_threads
 from pmc_unlearn.data import load_qa, overlap_report
 from pmc_unlearn.errors import TrainingDiverged, UserError
 from pmc_unlearn.formatting import PromptFormat
@@ -295,6 +296,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
                 ctx.epoch = epoch
                 method.on_epoch_start(ctx, epoch)
             ctx.micro, ctx.step = j, step
+            adapt_threads()
             idx = shard[j * plan.batch_size : (j + 1) * plan.batch_size]
             rrng = np.random.default_rng(derive_seed(cfg.train.seed, "retain", epoch, j, acc.process_index))
             ridx = rrng.integers(0, len(retain), len(idx)).tolist() if retain else []

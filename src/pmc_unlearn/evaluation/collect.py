@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from pmc_unlearn.cpu import adapt_threads
 from pmc_unlearn.data import TOFU_SPLITS, load_qa, load_rows, read_jsonl_dicts
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.evaluation import metrics as M
@@ -162,6 +163,7 @@ def _sorted_chunks(n: int, length: Callable[[int], int], batch_size: int) -> lis
 @torch.inference_mode()
 def _forward_scores(model, examples: list[Example], with_stats: list[bool], pad_id: int) -> list[dict]:
     """One right-padded forward pass; per example the answer NLL and, where asked, EM/ES/MIA scores."""
+    adapt_threads()
     batch = collate_train(examples, pad_id)
     dev = _device(model)
     T = batch["input_ids"].shape[1]
@@ -217,6 +219,7 @@ def _shared_prompt_scores(model, prompt: list[list[int]], groups: list[list[Exam
     """
     from transformers import DynamicCache
 
+    adapt_threads()
     dev = _device(model)
     q = collate_prompts(prompt, pad_id)  # left-padded: every prompt ends at position P-1
     q_ids, q_mask = q["input_ids"].to(dev), q["attention_mask"].to(dev)
