@@ -1,6 +1,6 @@
 """Sampler throughput: the fast backend against plain `generate` on TOFU forget questions.
 
-    python bench/sampler.py                      # defaults below: ~10 min on 2 cores
+    python bench/sampler.py                      # defaults below: about 15 min on 2 cores (+2 min per vLLM run)
     python bench/sampler.py --questions 8 --reps 1 --max-new-tokens 32   # a quick look
 
 Same prompts (TOFU forget questions through the library's prompt formatting: chat template),
