@@ -22,19 +22,20 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-OMP_POLICIES = {
-    "library": {},  # what the library's CLI does: pmc_unlearn.cpu.configure_env (short spin) + adapt_threads
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # threads sleep between parallel regions
-}
-
-
 def env(omp: str = "library") -> dict[str, str]:
-    """The children's environment: the library's OpenMP policy unless the caller's environment sets one."""
+    """The children's environment with an OpenMP policy.
+
+    `library`: what the library's CLI does (`pmc_unlearn.cpu.configure_env`: a short spin unless
+    the caller's environment chose a policy; the thread count then follows the load);
+    `passive`: `OMP_WAIT_POLICY=PASSIVE` (threads sleep between parallel regions).
+    """
     from pmc_unlearn.cpu import configure_env
 
     e = dict(os.environ)
-    if "OMP_WAIT_POLICY" not in e and "GOMP_SPINCOUNT" not in e:
-        e.update(OMP_POLICIES[omp])
+    if omp == "passive":
+        e.pop("GOMP_SPINCOUNT", None)
+        e["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
         configure_env(e)
     e.setdefault("HF_HUB_OFFLINE", "1")
     e.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -110,11 +110,8 @@ def run_ours(spec: dict, out: Path) -> dict:
             finally:
                 spent["sampling"] += time.perf_counter() - t
 
-    if hasattr(cfg.train, "sampler"):  # the trainer's config key, once it exists
-        cfg.train.sampler = backend
-        T.SAMPLERS = {**SAMPLERS, backend: Timed}
-    else:  # until then the trainer builds SAMPLERS["hf"]: point that name at the backend
-        T.SAMPLERS = {**SAMPLERS, "hf": Timed}
+    cfg.train.sampler = backend
+    T.SAMPLERS = {**SAMPLERS, backend: Timed}
     t0 = time.perf_counter()
     manifest = T.train(cfg, out / "run")
     wall = time.perf_counter() - t0

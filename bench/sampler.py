@@ -140,8 +140,8 @@ def main() -> None:
     print(f"\n{a.questions} questions of tofu:{a.split} x n={a.n}, max_new_tokens={a.max_new_tokens}, "
           f"T={a.temperature}, top_p={a.top_p}, top_k={a.top_k}; {a.reps} interleaved reps, medians; "
           f"{fpt / 1e9:.3f} GFLOP/token; load avg before {load0}, after {load1}\n")
-    print(f"OpenMP: library = {C.env('library').get('GOMP_SPINCOUNT') and 'GOMP_SPINCOUNT=' + C.env('library')['GOMP_SPINCOUNT'] or C.env('library').get('OMP_WAIT_POLICY')} "
-          "+ threads following the load; passive = OMP_WAIT_POLICY=PASSIVE\n")
+    lib = {k: v for k, v in C.env("library").items() if k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    print(f"OpenMP: library = {lib} + threads following the load; passive = OMP_WAIT_POLICY=PASSIVE\n")
     print(C.table(["sampler x rows", "dtype", "OpenMP", "tok/s", f"vs {configs[0]} {omps[0]}", "of ceiling", "matmul GFLOP/s",
                    "peak RSS MB", "cpu/wall", "tokens/sample", "truncated"], rows))
     if a.json:

@@ -79,9 +79,10 @@ class _Adapter:
     def _init(self) -> None:
         import torch
 
-        fixed = os.environ.get("PMC_UNLEARN_THREADS") or os.environ.get("OMP_NUM_THREADS")
-        if os.environ.get("PMC_UNLEARN_THREADS"):
-            torch.set_num_threads(max(1, int(os.environ["PMC_UNLEARN_THREADS"])))
+        ours = os.environ.get("PMC_UNLEARN_THREADS")
+        if ours:
+            torch.set_num_threads(max(1, int(ours)))
+        fixed = ours or os.environ.get("OMP_NUM_THREADS")
         try:
             self.cores = len(os.sched_getaffinity(0))
         except AttributeError:

@@ -517,7 +517,6 @@ class FastSampler:
         runner.eval()
         try:
             for c0 in range(0, len(order), per_chunk):
-                adapt_threads()
                 idx = order[c0 : c0 + per_chunk]
                 rows = self._decode(runner, decoder, [prompts[i] for i in idx], n, [s for i in idx for s in seeds[i]],
                                     stop, max_new_tokens, temperature, top_k, top_p, greedy)
@@ -728,14 +727,10 @@ class VLLMSampler:
 
         if is_peft(model):  # push merged weights: the engine knows nothing of adapters
             model = copy.deepcopy(model).merge_and_unload()
-        sd = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
-        if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in sd:
-            # Tied weights must still be pushed as the head: vLLM's CPU backend keeps the LM head as
-            # its own repacked copy, so pushing only the embeddings left the head stale (measured:
-            # 0.0155 nats off after one SGD step; the guard below caught it).
-            emb = model.get_input_embeddings().weight
-            sd["lm_head.weight"] = emb.detach().to(dtype)
-        return sd
+        # Everything, the tied LM head included (state_dict lists it under its own key): vLLM's CPU
+        # backend keeps the head as its own repacked copy, so pushing only the embeddings left it
+        # stale (measured: 0.0155 nats off after one SGD step; the guard below caught it).
+        return {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
 
     def _push(self, model) -> None:
         dtype = torch.bfloat16 if self.bf16 else torch.float32

@@ -94,8 +94,6 @@ def _json(path: Path) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
-
-
 def _yaml(path: Path) -> dict[str, Any]:
     try:
         obj = yaml.safe_load(path.read_text(encoding="utf-8"))
