@@ -22,21 +22,26 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-def env(omp: str = "library") -> dict[str, str]:
-    """The children's environment with an OpenMP policy.
+# OpenMP policies a child can run under (`library` is what the CLI does: `pmc_unlearn.cpu.configure_env`,
+# a short spin unless the caller's environment chose a policy, with the thread count following the load).
+OMP_POLICIES = {
+    "library": {},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},  # threads sleep between parallel regions
+    "passive-1": {"OMP_WAIT_POLICY": "PASSIVE", "PMC_UNLEARN_THREADS": "1"},  # ... and one thread
+    "spin-fixed": {"PMC_UNLEARN_THREADS": str(os.cpu_count() or 1)},  # the short spin, threads not adapted
+}
 
-    `library`: what the library's CLI does (`pmc_unlearn.cpu.configure_env`: a short spin unless
-    the caller's environment chose a policy; the thread count then follows the load);
-    `passive`: `OMP_WAIT_POLICY=PASSIVE` (threads sleep between parallel regions).
-    """
+
+def env(omp: str = "library") -> dict[str, str]:
+    """The children's environment under one of `OMP_POLICIES`."""
     from pmc_unlearn.cpu import configure_env
 
     e = dict(os.environ)
-    if omp == "passive":
+    if omp != "library":
+        e.pop("OMP_WAIT_POLICY", None)
         e.pop("GOMP_SPINCOUNT", None)
-        e["OMP_WAIT_POLICY"] = "PASSIVE"
-    else:
-        configure_env(e)
+        e.update(OMP_POLICIES[omp])
+    configure_env(e)
     e.setdefault("HF_HUB_OFFLINE", "1")
     e.setdefault("TOKENIZERS_PARALLELISM", "false")
     return e

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,9 +65,20 @@ def child(spec: dict) -> None:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     comps = [c for r in res for c in r]
     tokens = sum(len(c.ids) for c in comps)
-    C.emit({"wall_s": wall, "cpu_s": cpu, "tokens": tokens, "tok_s": tokens / wall,
+    peak = C.peak_rss_mb()  # before any profiling
+    profile = None
+    if spec.get("profile"):  # the same call again under torch's profiler (after the timed one: it slows ops)
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            sampler.sample(model, prompts, spec["n"], max_new_tokens=spec["max_new_tokens"], seed=spec["seed"], **kw)
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ops) or 1.0
+        profile = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+                    "calls": e.count} for e in ops[:15]]
+    C.emit({"profile": profile, "wall_s": wall, "cpu_s": cpu, "tokens": tokens, "tok_s": tokens / wall,
             "truncated": sum(c.truncated for c in comps) / len(comps), "flops_per_token": flops,
-            "rate_gflops": rates, "rss_before_mb": rss0, "peak_rss_mb": C.peak_rss_mb(),
+            "rate_gflops": rates, "rss_before_mb": rss0, "peak_rss_mb": peak,
             "ceiling_frac": tokens / wall * flops / (rates[spec["dtype"]] * 1e9),
             "mean_len": tokens / len(comps), "versions": C.versions()})
 
@@ -92,8 +104,14 @@ def main() -> None:
                          "(default: this one, when it imports vllm)")
     ap.add_argument("--omp", default="library",
                     help="OpenMP policies, comma-separated: library (the CLI's: a short spin, threads following "
-                         "the load; pmc_unlearn/cpu.py) and/or passive (OMP_WAIT_POLICY=PASSIVE); ratios are "
-                         "against the first configuration under the first policy")
+                         "the load; pmc_unlearn/cpu.py), passive (OMP_WAIT_POLICY=PASSIVE), passive-1 (passive, one "
+                         "thread), spin-fixed (the short spin, thread count not adapted); ratios are against the "
+                         "first configuration under the first policy")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each timed call, run it again under torch's profiler and print the top ops by self time")
+    ap.add_argument("--busy", action="store_true",
+                    help="keep one core busy (a `while True: pass` process) during every measurement: the "
+                         "machine another process shares")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write all measurements here")
@@ -110,6 +128,9 @@ def main() -> None:
             print("# vLLM not importable (pip install pmc-unlearn[vllm], or --vllm-python): skipping it", flush=True)
     configs = a.configs.split(",")
     omps = a.omp.split(",")
+    unknown = [o for o in omps if o not in C.OMP_POLICIES]
+    if unknown:
+        ap.error(f"--omp: unknown {', '.join(unknown)}; choose from {', '.join(C.OMP_POLICIES)}")
     runs = [(d, c, o) for d in a.dtypes.split(",") for o in omps for c in configs]
     info = C.machine()
     load0 = C.loadavg()
@@ -120,11 +141,18 @@ def main() -> None:
         for dtype, config, omp in order:
             spec = {"model": a.model, "split": a.split, "questions": a.questions, "n": a.n, "seed": a.seed + rep,
                     "max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p,
-                    "top_k": a.top_k, "dtype": dtype, "config": config}
-            r = C.run_child("sampler.py", spec, python=a.vllm_python if config.startswith("vllm") else None, omp=omp)
+                    "top_k": a.top_k, "dtype": dtype, "config": config, "profile": a.profile}
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if a.busy else None
+            try:
+                r = C.run_child("sampler.py", spec, python=a.vllm_python if config.startswith("vllm") else None, omp=omp)
+            finally:
+                if hog is not None:
+                    hog.kill()
             results[(dtype, config, omp)].append(r)
             print(f"rep {rep} {dtype:4s} {config:9s} {omp:8s} {r['tok_s']:7.1f} tok/s  {r['wall_s']:6.1f} s  "
                   f"cpu/wall {r['cpu_s'] / r['wall_s']:.2f}  peak {r['peak_rss_mb']:.0f} MB  load {C.loadavg()}", flush=True)
+            for op in r.get("profile") or []:
+                print(f"    {op['share']:6.1%}  {op['self_ms']:9.0f} ms  {op['calls']:7d} calls  {op['op']}", flush=True)
     load1 = C.loadavg()
     rows = []
     for dtype, config, omp in runs:
@@ -141,7 +169,8 @@ def main() -> None:
           f"T={a.temperature}, top_p={a.top_p}, top_k={a.top_k}; {a.reps} interleaved reps, medians; "
           f"{fpt / 1e9:.3f} GFLOP/token; load avg before {load0}, after {load1}\n")
     lib = {k: v for k, v in C.env("library").items() if k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    print(f"OpenMP: library = {lib} + threads following the load; passive = OMP_WAIT_POLICY=PASSIVE\n")
+    print(f"OpenMP: library = {lib} + threads following the load; others: {C.OMP_POLICIES}"
+          f"{'; one core kept busy by another process throughout' if a.busy else ''}\n")
     print(C.table(["sampler x rows", "dtype", "OpenMP", "tok/s", f"vs {configs[0]} {omps[0]}", "of ceiling", "matmul GFLOP/s",
                    "peak RSS MB", "cpu/wall", "tokens/sample", "truncated"], rows))
     if a.json:

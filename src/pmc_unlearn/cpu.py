@@ -1,14 +1,18 @@
 """CPU threading: a short OpenMP spin, and a torch thread count that follows the machine's load.
 
 OpenMP's wait policy is a trade-off that cannot be changed once torch is loaded (measured on
-the 2-core machine, bf16 decoding of 80 rows, bench/RESULTS.md):
+the 2-core machine, bf16 decoding of 80 rows at 64 new tokens, `bench/sampler.py --omp ...` with
+and without `--busy`, bench/RESULTS.md):
 - passive (`OMP_WAIT_POLICY=PASSIVE`: threads sleep between parallel regions) is safe when
-  another process holds a core, but every one of the thousands of small ops per decode step
-  pays a thread wake-up: on an idle machine two threads decode no faster than one (370 tok/s);
-- spinning briefly (`GOMP_SPINCOUNT=10000`, a few microseconds) decodes 1.6x faster on the idle
-  machine (600 tok/s), but when another process holds a core every parallel region waits for a
-  thread that is not scheduled: 2.9x slower than passive (107 tok/s), up to 30x for small ops.
-With one thread there are no parallel regions to wait for (377 tok/s on the busy machine).
+  another process holds a core (416 tok/s), but every one of the many small ops per decode step
+  pays a thread wake-up: on an idle machine two threads decode barely faster than one (464 vs
+  418 tok/s);
+- spinning briefly (`GOMP_SPINCOUNT=10000`, a few microseconds) decodes 1.36x faster than passive
+  on the idle machine (629 tok/s), but when another process holds a core every parallel region
+  waits for a thread that is not scheduled: half of passive's speed (211 tok/s), and up to 30x
+  slower for small ops.
+With one thread there are no parallel regions to wait for: the spin plus this module's thread
+adapter runs at 396 tok/s on the busy machine (0.95x passive).
 
 So the library asks for the short spin (`configure_env`, before torch is imported, unless the
 user set a policy) and `adapt_threads()`, called from the hot loops, runs torch with one thread
