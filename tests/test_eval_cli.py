@@ -46,7 +46,12 @@ def test_smoke_run_writes_records_and_every_summary_key(run_dir):
     missing = [k for k in SUMMARY_KEYS if k not in s]
     assert not missing, missing
     assert s["forget_quality"] is None and s["privleak"] is None  # reported as null, with the note
-    assert s["n_examples_forget"] == 8 and s["max_new_tokens"] == 200 and s["dtype"] == "float32"
+    assert s["n_examples_forget"] == 8 and s["max_new_tokens"] == 200
+    # --dtype auto: bfloat16 where this CPU runs it natively, float32 elsewhere; the summary says which and why
+    from pmc_unlearn.precision import cpu_native_bf16
+
+    assert s["dtype"] == ("bfloat16" if cpu_native_bf16() else "float32") == s["precision"]["dtype"]
+    assert s["precision"]["setting"] == "auto" and s["precision"]["reason"].startswith("auto: CPU")
     recs = C.read_records(out / "records.jsonl")
     splits = {r["split"] for r in recs}
     assert splits == {"forget", "forget_para", "retain", "real_authors", "world_facts", "holdout"}

@@ -33,7 +33,9 @@ def opt(default, help: str, **kw):
 @dataclass
 class ModelConfig:
     name: str = opt("smollm2-135m", "model to start from: a local HF folder, a hub id, or an alias (smollm2-135m, tiny-random)")
-    dtype: str = opt("float32", "weight dtype: float32 (with train.bf16 autocast: the fast CPU path) or bfloat16", choices=("float32", "bfloat16"))
+    dtype: str = opt("auto", "weights that training updates: auto (float32 master weights on every device; the compute "
+                     "precision is train.bf16), float32, or bfloat16 (warns where the device emulates bf16)",
+                     choices=("auto", "float32", "bfloat16"))
     lora: bool = opt(False, "train LoRA adapters (peft) instead of all weights; the output has the adapter and a merged copy")
     lora_r: int = opt(16, "LoRA rank", min=1)
     lora_alpha: int = opt(32, "LoRA alpha", min=1)
@@ -67,7 +69,10 @@ class TrainConfig:
     weight_decay: float = opt(0.01, "AdamW weight decay", min=0.0)
     warmup_epochs: float = opt(1.0, "linear warm-up length in epochs (authors: 1)", min=0.0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", min=0.0)
-    bf16: bool = opt(True, "bf16 autocast for forward/backward (fp32 master weights); about 1.6x faster on CPUs with AVX-512 bf16")
+    bf16: bool | str = opt("auto", "bf16 autocast for forward/backward and sampling (fp32 master weights): auto (bf16 "
+                            "where the device runs it natively: CUDA, or a CPU with AVX512-BF16/AMX; about 1.6x faster "
+                            "there), true, or false. An explicit true on a CPU that emulates bf16 (e.g. AVX2 only: about "
+                            "100x slower) runs and warns", auto=True)
     max_time_s: float = opt(0.0, "stop after this much training wall time in seconds (0: no limit); the learning rate then decays over the time or the steps, whichever ends first; e.g. retain_ft for the same time as a PMC run", min=0.0)
     sampler: str = opt("fast", "sampling backend: fast (our decode loop: prefill once per prompt, no full-vocab sort), "
                         "hf (plain transformers generate), vllm (optional extra)", choices=("fast", "hf", "vllm"))
@@ -107,13 +112,15 @@ def _base_type(tp):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
+        return args[0], type(None) in typing.get_args(tp)
     return tp, False
 
 
 def _coerce(section: str, f: dataclasses.Field, value: Any, hints: dict[str, Any]) -> Any:
     key = f"{section}.{f.name}"
     tp, nullable = _base_type(hints[f.name])
+    if f.metadata.get("auto") and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"  # a tri-state setting: resolved per device at run time (pmc_unlearn.precision)
     if value is None:
         if nullable:
             return None

@@ -51,6 +51,7 @@ from typing import Any, Callable
 import yaml
 
 from pmc_unlearn.errors import UserError
+from pmc_unlearn.precision import resolve_bf16, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ PROFILES = ("quick", "default")  # shown in --help; "test" (tiny-random, seconds
 PROFILE_KEYS = {"description", "model", "prompt", "authors", "finetune", "unlearn", "evaluate", "attacks", "report"}
 PROMPT_KEYS = {"use_chat_template", "system_prompt"}
 EVAL_KEYS = {"max_new_tokens", "batch_size", "forget", "retain", "real_authors", "world_facts", "holdout", "dtype"}
-EVAL_DTYPES = ("float32", "bfloat16")
+EVAL_DTYPES = ("auto", "float32", "bfloat16")
 BASELINES = ("npo", "gd")
 STAGE_FILE = "stage.json"
 DEMO_FILE = "demo.json"
@@ -151,7 +152,7 @@ def validate_profile(p: dict[str, Any]) -> None:
     bad = set(p["evaluate"]) - EVAL_KEYS
     if bad:
         raise UserError(f"evaluate.{sorted(bad)[0]}: unknown key; known: {', '.join(sorted(EVAL_KEYS))}")
-    dt = p["evaluate"].get("dtype", "float32")
+    dt = p["evaluate"].get("dtype", "auto")
     if dt not in EVAL_DTYPES:
         raise UserError(f"evaluate.dtype={dt!r}: choose one of {', '.join(EVAL_DTYPES)}")
     for k in EVAL_KEYS - {"dtype"}:
@@ -266,14 +267,15 @@ def demo_suite(forget_split: str, retain_index: list[int], sizes: dict[str, int]
 
 
 def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | None, self_reference: bool = False,
-                    max_new_tokens: int = 48, batch_size: int = 16, dtype: str = "float32", progress: bool = True,
+                    max_new_tokens: int = 48, batch_size: int = 16, dtype: str = "auto", progress: bool = True,
                     notes: dict[str, Any] | None = None, default_fmt=None) -> dict[str, Any]:
     """Collect records for `specs` (resuming from out/records.jsonl), aggregate, write summary.json.
 
     `reference` is the retain model's records (forget quality, PrivLeak); `self_reference` uses
     this model's own records (the retain model itself: forget quality 1 by definition). `dtype`
-    is the weights' type during evaluation (bfloat16: about 2x faster on CPUs with native bf16,
-    as open-unlearning evaluates; the records are cached per weights, so the two never mix).
+    is the weights' type during evaluation (auto: bfloat16 where the CPU runs it natively, about 2x
+    faster there, as open-unlearning evaluates; float32 elsewhere; the records are cached per
+    weights, so the two never mix).
     `default_fmt` is the prompt format of a model that saved none (the base model); the
     evaluation's default when None.
     """
@@ -286,7 +288,8 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    lm = load_model(model, dtype=dtype)
+    precision = resolve_dtype(dtype, "cpu", "evaluate.dtype")
+    lm = load_model(model, dtype=precision.dtype)
     lm.model.eval()
     fp = fingerprint(lm.model)
     fmt = default_fmt or C.EVAL_FORMAT
@@ -304,7 +307,8 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
     summary.update({
         "model_name": model, "model_fingerprint": fp, "forget_split": specs[0].source.removeprefix("tofu:").removesuffix("_perturbed"),
         **{f"n_examples_{s.name}": len(s.items) for s in specs},
-        "max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": batch_size, "dtype": dtype,
+        "max_new_tokens": max_new_tokens, "decoding": "greedy", "batch_size": batch_size,
+        "dtype": precision.dtype, "precision": precision.as_dict(),
         "prompt_chat_template": fmt.use_chat_template, "prompt_system": fmt.system_prompt,
         "time_load_s": round(t_load, 3), "time_collect_s": round(t_collect, 3),
         **(notes or {}), **_versions(),
@@ -367,9 +371,38 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-# Rough seconds per unit of work on a 2-core CPU for the stage-line ETA (scaled at run time by how
-# the finished stages compared with their estimates).
-_RATE = {"train_example": 0.35, "sample_token": 0.0035, "gen_token": 0.004, "nll_seq": 0.07, "fixed": 6.0}
+# Rough seconds per unit of work on a 2-core CPU for the stage-line ETA, per precision, with the
+# 1024^3 matmul rate (GFLOP/s) of the machine they were measured on. At the start the estimates are
+# scaled by that rate over this machine's (`matmul_gflops`); after each stage, by how the finished
+# stages compared with their estimates.
+_RATES = {
+    # Zen 4 (AVX-512 bf16), bf16 autocast training and bf16 evaluation
+    "bf16": {"train_example": 0.35, "sample_token": 0.0035, "gen_token": 0.004, "nll_seq": 0.07, "fixed": 6.0},
+    # AVX2 without native bf16 (measured: docs/demo.md), fp32 training and evaluation
+    "fp32": {"train_example": 0.62, "sample_token": 0.006, "gen_token": 0.009, "nll_seq": 0.16, "fixed": 8.0},
+}
+_REF_GFLOPS = {"bf16": 410.0, "fp32": 143.0}
+
+
+def matmul_gflops(bf16: bool, size: int = 1024, reps: int = 3) -> float:
+    """This machine's rate for one [size, size] matmul in bf16 or fp32 (best of `reps`), GFLOP/s."""
+    import torch
+
+    dt = torch.bfloat16 if bf16 else torch.float32
+    a, b = torch.randn(size, size).to(dt), torch.randn(size, size).to(dt)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / max(best, 1e-9) / 1e9
+
+
+def speed_scale(bf16: bool) -> float:
+    """How much longer than the rate table's machine this one should take (clipped to 0.25-8)."""
+    kind = "bf16" if bf16 else "fp32"
+    return min(8.0, max(0.25, _REF_GFLOPS[kind] / matmul_gflops(bf16)))
 
 
 class Demo:
@@ -407,6 +440,10 @@ class Demo:
     def _normal(self, cfg) -> dict:
         """The resolved config with paths inside the demo folder made relative (keys do not depend on where it lives)."""
         d = cfg.to_dict()
+        # the precision that will run here, not the setting: `auto` differs between machines
+        import torch
+
+        d["train"]["bf16"] = resolve_bf16(cfg.train.bf16, "cuda" if torch.cuda.is_available() else "cpu").bf16
         root = str(self.root.resolve())
         for sec in ("model", "data"):
             for k, v in d[sec].items():
@@ -431,21 +468,34 @@ class Demo:
         n_retain = sum(1 for _ in data.retain_file.open())
         stages: list[Stage] = []
 
+        import torch
+
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.eval_dtype = resolve_dtype(ev.get("dtype", "auto"), "cpu", "evaluate.dtype").dtype
+        speeds: dict[bool, float] = {}
+
+        def rate(bf16: bool) -> tuple[dict[str, float], float]:
+            if bf16 not in speeds:
+                speeds[bf16] = speed_scale(bf16) if dev == "cpu" else 0.25
+            return _RATES["bf16" if bf16 else "fp32"], speeds[bf16]
+
         def train_est(cfg, n_rows: int, sampling: bool = False) -> float:
             t = cfg.train
+            r, k = rate(resolve_bf16(t.bf16, dev).bf16)
             n = min(n_rows, cfg.data.max_forget or n_rows)
             ex = n * t.epochs if t.max_steps < 0 else min(n * t.epochs, t.max_steps * t.batch_size * t.grad_accum)
-            est = _RATE["fixed"] + ex * _RATE["train_example"] * (2 if cfg.method != "sft" else 1)
+            est = r["fixed"] + ex * r["train_example"] * (2 if cfg.method != "sft" else 1)
             if sampling:
                 m = cfg.method_cfg
-                est += ex * m.n_samples * m.max_new_tokens * _RATE["sample_token"] + n * m.max_new_tokens * _RATE["sample_token"]
-            return est
+                est += ex * m.n_samples * m.max_new_tokens * r["sample_token"] + n * m.max_new_tokens * r["sample_token"]
+            return est * k
 
         def eval_est() -> float:
+            r, k = rate(self.eval_dtype == "bfloat16")
             n_gen = sum(len(s.items) for s in specs if s.generate)
             n_nll = sum(len(s.items) * (1 + (1 if s.items and s.items[0].para_answer else 0) +
                                         len(s.items[0].pert_answers or []) if s.items else 0) for s in specs if s.nll)
-            return _RATE["fixed"] + n_gen * ev["max_new_tokens"] * _RATE["gen_token"] + n_nll * _RATE["nll_seq"]
+            return (r["fixed"] + n_gen * ev["max_new_tokens"] * r["gen_token"] + n_nll * r["nll_seq"]) * k
 
         # fine-tuning: target and retain model
         ft = p["finetune"]
@@ -493,8 +543,9 @@ class Demo:
 
         eval_common = {"v": DEMO_VERSION, "records_schema": SCHEMA_VERSION, "suite": suite_key,
                        "max_new_tokens": ev["max_new_tokens"]}
-        if ev.get("dtype", "float32") != "float32":  # (float32 keys stay as they were before the option)
-            eval_common["dtype"] = ev["dtype"]
+        # The dtype that will run here, not the setting: `auto` differs between machines.
+        if self.eval_dtype != "float32":  # (float32 keys stay as they were before the option)
+            eval_common["dtype"] = self.eval_dtype
         if p.get("prompt"):  # the base model is evaluated with the profile's prompt format
             eval_common["prompt"] = p["prompt"]
         order = ["retain", "target", "base"] + unlearned
@@ -522,12 +573,12 @@ class Demo:
             for mname in [x for x in ["target"] + unlearned if x in wanted]:
                 path, producer = models[mname]
                 akey = {"v": DEMO_VERSION, "model": keys[producer], "attacks": at}
-                if ev.get("dtype", "float32") != "float32":
-                    akey["dtype"] = ev["dtype"]
+                if self.eval_dtype != "float32":
+                    akey["dtype"] = self.eval_dtype
                 key = digest(akey)
                 d = root / "attacks" / mname
                 stages.append(Stage(f"attacks/{mname}", "attacks", d, key, self._attack_runner(path, d, mname),
-                                    _RATE["fixed"] + len(at.get("names") or [1] * 6) * eval_est() / 4
+                                    rate(self.eval_dtype == "bfloat16")[0]["fixed"] + len(at.get("names") or [1] * 6) * eval_est() / 4
                                     * at.get("max_examples", 20) / max(1, ev["forget"]),
                                     needs=[producer], optional=True))
         else:
@@ -552,7 +603,7 @@ class Demo:
             ev = self.p["evaluate"]
             s = evaluate_subset(model, self.specs, d, reference=reference, self_reference=self_reference,
                                 max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
-                                dtype=ev.get("dtype", "float32"), progress=self.progress,
+                                dtype=self.eval_dtype, progress=self.progress,
                                 default_fmt=self._prompt_format(),
                                 notes={"demo_role": role, "retain_split_note": (
                                     f"tofu:retain_perturbed rows of the retain author(s) {self.data.retain_authors} "
@@ -566,7 +617,7 @@ class Demo:
         def run(resume: bool) -> dict:
             return run_attack_suite(model, d, self.p["authors"]["forget_split"], self.p.get("attacks") or {},
                                     self.p["evaluate"]["batch_size"], self.progress,
-                                    dtype=self.p["evaluate"].get("dtype", "float32"))
+                                    dtype=self.eval_dtype)
 
         return run
 
@@ -693,7 +744,7 @@ class Demo:
 # ----------------------------------------------------------------------------- attacks (optional module)
 
 def run_attack_suite(model: str, out: Path, forget_split: str, settings: dict[str, Any], batch_size: int,
-                     progress: bool = True, dtype: str = "float32") -> dict[str, Any]:
+                     progress: bool = True, dtype: str = "auto") -> dict[str, Any]:
     """Call `pmc_unlearn.attacks.run_attacks` when the build has it; a note (and no failure) otherwise.
 
     The call passes only the arguments its signature names (model, forget split, output folder,

@@ -129,14 +129,9 @@ class HFSampler:
 
 def bf16_fast_here(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively here (CUDA, or a CPU with AVX512-BF16/AMX via oneDNN)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # torch built without oneDNN
-        return False
+    from pmc_unlearn.precision import native_bf16
+
+    return native_bf16(device)[0]
 
 
 _KV = None  # (SlabLayer, BlockLayer), built on first use so that importing this module does not import transformers
@@ -443,14 +438,25 @@ class FastSampler:
     # ----- weights ------------------------------------------------------------------------------
     def _runner(self, model):
         """(module that samples, its `_LlamaDecoder` or None): the model itself, or a bf16 copy of its current weights."""
-        dtype = next(model.parameters()).dtype
-        if not self.bf16 or dtype == torch.bfloat16 or not bf16_fast_here(next(model.parameters()).device):
-            return model, None  # never fuse the live model's weights: the optimizer holds them
         from pmc_unlearn.models import is_peft
 
-        if is_peft(model):  # adapters change every step: merge a fresh copy
-            shadow = self._to_bf16(copy.deepcopy(model).merge_and_unload())
-            return shadow, self._decoder(shadow)
+        dtype = next(model.parameters()).dtype
+        to_bf16 = self.bf16 and dtype != torch.bfloat16 and bf16_fast_here(next(model.parameters()).device)
+        if is_peft(model):
+            # Adapters change every step: sample from a fresh merged copy. A token then costs one
+            # matmul per layer instead of W x + B(A x), and the tokens are those of the merged
+            # model by construction (the adapter path rounds differently: on CUDA it drew other
+            # tokens than the merged weights).
+            shadow = copy.deepcopy(model).merge_and_unload()
+            if to_bf16:
+                shadow = self._to_bf16(shadow)
+                return shadow, self._decoder(shadow)
+            for p in shadow.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+            return shadow.eval(), None
+        if not to_bf16:
+            return model, None  # never fuse the live model's weights: the optimizer holds them
         if self._shadow is not None:
             ref, shadow, dec = self._shadow
             if ref() is model and _shares_weights_layout(model, shadow):

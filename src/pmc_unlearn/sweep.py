@@ -68,7 +68,8 @@ class EvalSettings:
     max_new_tokens: int = opt(200, "greedy generation limit (200 in both references)", min=1)
     batch_size: int = opt(8, "examples per evaluation batch", min=1)
     retain_sample: str = opt("perturbed", "retain sample of the PMC utility U", choices=("perturbed", "rng400"))
-    dtype: str = opt("float32", "weights dtype when loading the model for evaluation", choices=("float32", "bfloat16"))
+    dtype: str = opt("auto", "weights dtype when loading the model for evaluation (auto: bfloat16 where the device "
+                     "runs it natively, float32 elsewhere)", choices=("auto", "float32", "bfloat16"))
 
 
 @dataclass

@@ -39,6 +39,7 @@ from pmc_unlearn.formatting import PromptFormat
 from pmc_unlearn.methods import METHODS
 from pmc_unlearn.methods.base import Method, RunContext, derive_seed
 from pmc_unlearn.models import apply_lora, fingerprint, load_model, save_model
+from pmc_unlearn.precision import resolve_bf16, resolve_dtype
 from pmc_unlearn.sampler import SAMPLERS
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,16 @@ def make_accelerator():
 
     # Without a GPU, tell accelerate so: it only sets up multi-process CPU training (gloo) when
     # asked to use the CPU. With a GPU, the accelerate config / launcher decides.
-    has_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    # More processes than GPUs (e.g. two gloo processes on a one-GPU machine) also run on the CPU:
+    # rank 1 would otherwise ask for a device that does not exist.
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    has_gpu = n_gpu > 0 or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if n_gpu and world > n_gpu:
+        log.warning("%d processes but %d GPU(s): every process runs on the CPU", world, n_gpu)
+        has_gpu = False
     return Accelerator(cpu=not has_gpu)
 
 
@@ -184,8 +194,16 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
                                      {"method": cfg.method, "processes": acc.num_processes}) if main else None
     timer = manifest.phase if manifest else (lambda name: contextlib.nullcontext())
 
+    compute = resolve_bf16(cfg.train.bf16, acc.device, "train.bf16")
+    weights = resolve_dtype(cfg.model.dtype, acc.device, "model.dtype", training=True)
+    use_bf16 = compute.bf16 and acc.device.type in ("cpu", "cuda")
+    if manifest:
+        manifest.data["precision"] = {"compute": compute.as_dict(), "weights": weights.as_dict(),
+                                      "device": str(acc.device)}
+    if main:
+        log.info("precision: %s compute (%s), %s weights", "bf16" if use_bf16 else "fp32", compute.reason, weights.dtype)
     with timer("load_model"):
-        lm = load_model(cfg.model.name, cfg.model.dtype, seed=cfg.train.seed)
+        lm = load_model(cfg.model.name, weights.dtype, seed=cfg.train.seed)
         model, tok = lm.model, lm.tokenizer
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -221,9 +239,9 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
     fmt = PromptFormat(cfg.data.use_chat_template, cfg.data.system_prompt, cfg.data.max_length)
     samples_log = rundir.JsonlWriter(out / "samples.jsonl", enabled=main)
     step_log = rundir.JsonlWriter(out / "log.jsonl", enabled=main)
-    use_bf16 = cfg.train.bf16 and acc.device.type in ("cpu", "cuda")
     sampler = SAMPLERS[cfg.train.sampler](tok, batch_rows=getattr(cfg.method_cfg, "sample_batch_rows", 64), bf16=use_bf16)
-    ctx = RunContext(cfg, model, tok, fmt, primary, retain, acc, sampler, write_samples=samples_log.write)
+    ctx = RunContext(cfg, model, tok, fmt, primary, retain, acc, sampler, write_samples=samples_log.write,
+                     bf16=use_bf16, weights_dtype=weights.dtype)
 
     step, micro_done = 0, 0
     if resume:

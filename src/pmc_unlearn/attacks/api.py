@@ -21,6 +21,7 @@ from typing import Any
 
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import PromptFormat
+from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ ATTACK_NAMES = ("sampling", "prefill", "paraphrase", "relearning", "quantization
 ATTACKS_FILE = "attacks.json"
 RECORDS_FILE = "attacks_records.jsonl"
 SCHEMA_VERSION = 1
-DTYPES = ("float32", "bfloat16")
+DTYPES = WEIGHT_DTYPES  # auto: bfloat16 where the device runs it natively (pmc_unlearn.precision)
 
 
 def attack_module(name: str):
@@ -148,7 +149,7 @@ def run_attacks(
     max_examples: int | None = None,
     max_new_tokens: int = 200,
     batch_size: int = 8,
-    dtype: str = "float32",
+    dtype: str = "auto",
     fmt: PromptFormat | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -193,8 +194,16 @@ def run_attacks(
     elif not isinstance(model, LoadedModel):
         raise UserError(f"model {model!r}: pass a model name/folder or a models.LoadedModel")
     fmt = fmt or EVAL_FORMAT
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(model, LoadedModel):
+        have = next(model.model.parameters())
+        device = str(have.device)
+        precision = Precision(str(have.dtype).removeprefix("torch."), have.dtype == torch.bfloat16, "the caller's loaded model")
+    else:
+        precision = resolve_dtype(dtype, device, "--dtype")
     run_settings = {"forget_split": forget_split, "max_examples": max_examples, "max_new_tokens": max_new_tokens,
-                    "dtype": dtype, "prompt_format": dataclasses.asdict(fmt)}
+                    "dtype": precision.dtype, "prompt_format": dataclasses.asdict(fmt)}
     doc = _read_or_empty(out) if overwrite else read_attacks(out / ATTACKS_FILE)
     if doc and doc.get("run_settings") != run_settings:
         if not overwrite:
@@ -211,13 +220,10 @@ def run_attacks(
 
     # 2. model
     t0 = time.time()
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(model, LoadedModel):
         lm, folder = model, None
-        device = str(next(lm.model.parameters()).device)
     else:
-        lm, folder = load_model(model, dtype=dtype, device=device), _model_folder(model)
+        lm, folder = load_model(model, dtype=precision.dtype, device=device), _model_folder(model)
     lm.model.eval()
     fp = fingerprint(lm.model)
     t_load = time.time() - t0
@@ -231,7 +237,7 @@ def run_attacks(
 
     forget_source = f"tofu:{forget_split}_perturbed"
     ctx = AttackContext(lm.model, lm.tokenizer, fmt, forget_split, load_items(forget_source), max_examples,
-                        max_new_tokens, batch_size, out, dtype, device, lm.name, folder, progress)
+                        max_new_tokens, batch_size, out, precision.dtype, device, lm.name, folder, progress)
     for n in names:
         check = getattr(attack_module(n), "check", None)
         if check is not None:
@@ -257,6 +263,7 @@ def run_attacks(
         "model_name": lm.name, "model_fingerprint": fp, "forget_split": forget_split, "forget_source": forget_source,
         "run_settings": run_settings, "n_forget_examples": len(ctx.forget_items), "max_examples": max_examples,
         "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+        "precision": precision.as_dict(),
         "device": str(next(lm.model.parameters()).device),
         "prompt_chat_template": ctx.chat, "prompt_system": fmt.system_prompt, "prompt_max_length": fmt.max_length,
         "recall": "ROUGE-L recall (rouge_score RougeScorer(['rougeL'], use_stemmer=True), target = ground truth) of greedy "

@@ -20,7 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only the first N forget questions (relearning: N trained and N measured rows)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="generation limit for every attack (200 as in eval)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate / forward batch")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights dtype when loading the model")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights dtype when loading the model (auto: bfloat16 where the device runs it natively, "
+                        "float32 elsewhere; the choice and why go into the summary)")
     p.add_argument("--plain-prompt", action="store_true",
                    help="use 'Question: ...\\nAnswer:' instead of the tokenizer's chat template (must match training)")
     p.add_argument("--system-prompt", default=None, help="system prompt for the chat template (default: the template's own)")

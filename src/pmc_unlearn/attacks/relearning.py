@@ -46,7 +46,7 @@ class Settings:
     batch_size: int = opt(4, "rows per micro-batch", min=1)
     grad_accum: int = opt(1, "micro-batches per optimizer step", min=1)
     weight_decay: float = opt(0.01, "AdamW weight decay", min=0.0)
-    bf16: bool = opt(True, "bf16 autocast while fine-tuning (train.bf16)")
+    bf16: bool | str = opt("auto", "bf16 autocast while fine-tuning (train.bf16: auto, true or false)", auto=True)
     retain_control: bool = opt(True, "also fine-tune a copy on retain rows only (the control)")
     keep_models: bool = opt(False, "keep the fine-tuned weights in <output>/relearning/*/model")
 

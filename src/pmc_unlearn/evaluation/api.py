@@ -22,12 +22,13 @@ from pmc_unlearn.evaluation import export
 from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation.reference import check_reference, read_reference
 from pmc_unlearn.formatting import PromptFormat
+from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 RECORDS_FILE = "records.jsonl"
-DTYPES = ("float32", "bfloat16")
+DTYPES = WEIGHT_DTYPES  # auto: bfloat16 where the device runs it natively (pmc_unlearn.precision)
 
 
 def _versions() -> dict[str, str]:
@@ -78,7 +79,7 @@ def evaluate(
     max_examples: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 200,
-    dtype: str = "float32",
+    dtype: str = "auto",
     retain_sample: str = "perturbed",
     fmt: PromptFormat | None = None,
     use_cache: bool = True,
@@ -122,6 +123,9 @@ def evaluate(
     rank, _world = C._dist()
     if isinstance(model, LoadedModel):
         lm = model
+        have = next(lm.model.parameters())
+        precision = Precision(str(have.dtype).removeprefix("torch."), have.dtype == torch.bfloat16,
+                              "the caller's loaded model")
     elif isinstance(model, str):
         if device is None:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -130,7 +134,8 @@ def evaluate(
                 device = str(PartialState().device)
             else:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-        lm = load_model(model, dtype=dtype, device=device)
+        precision = resolve_dtype(dtype, device, "--dtype")
+        lm = load_model(model, dtype=precision.dtype, device=device)
     else:
         raise UserError(f"model {model!r}: pass a model name/folder or a models.LoadedModel")
     lm.model.eval()
@@ -179,6 +184,7 @@ def evaluate(
         "decoding": "greedy",
         "batch_size": batch_size,
         "dtype": actual_dtype,
+        "precision": precision.as_dict(),
         "device": str(next(lm.model.parameters()).device),
         "prompt_chat_template": fmt.use_chat_template and bool(getattr(lm.tokenizer, "chat_template", None)),
         "prompt_system": fmt.system_prompt,

@@ -24,7 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-examples", type=int, default=None, help="only the first N examples of each split (smoke tests)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward/generate batch (results do not depend on it)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="greedy generation limit (200 in both references)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights dtype when loading the model")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights dtype when loading the model (auto: bfloat16 where the device runs it natively, "
+                        "float32 elsewhere; the choice and why go into the summary)")
     p.add_argument("--retain-sample", default="perturbed", choices=("perturbed", "rng400"),
                    help="retain sample for the PMC utility U: TOFU's retain_perturbed, or the PMC authors' 400 rows "
                         "drawn with default_rng(12345) from retainXX (retain99 for forget01, ...)")

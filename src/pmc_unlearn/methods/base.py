@@ -46,6 +46,8 @@ class RunContext:
     epoch: int = 0
     micro: int = 0  # micro-batch index within the epoch
     write_samples: Callable[[list[dict]], None] = lambda rows: None
+    bf16: bool = False  # the loop's resolved autocast (train.bf16 on this device)
+    weights_dtype: str = "float32"  # the resolved model.dtype
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

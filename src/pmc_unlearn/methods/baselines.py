@@ -96,7 +96,7 @@ def _mean_nll(lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _autocast(ctx: RunContext):
     """The loop's autocast, for forward passes a method runs outside `loss` (setup)."""
     dev = ctx.device.type
-    if ctx.cfg.train.bf16 and dev in ("cpu", "cuda"):
+    if ctx.bf16 and dev in ("cpu", "cuda"):
         return torch.autocast(device_type=dev, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -110,7 +110,7 @@ def load_reference(ctx: RunContext):
     already holds checkpoint weights. Eval mode, no gradients, the run's dtype and device."""
     from pmc_unlearn.models import load_model
 
-    lm = load_model(ctx.cfg.model.name, ctx.cfg.model.dtype, seed=ctx.cfg.train.seed)
+    lm = load_model(ctx.cfg.model.name, ctx.weights_dtype, seed=ctx.cfg.train.seed)
     ref = lm.model
     ref.requires_grad_(False)
     ref.eval()
