@@ -252,3 +252,28 @@ def test_bad_baseline_config_exit_2(tmp_path, capsys, args, msg):
     assert main([*BASE, "--output", str(out), *args]) == 2
     assert msg in capsys.readouterr().err
     assert not out.exists()
+
+
+# ----- SCRUB in the sweep and the demo ------------------------------------------------------------
+
+def test_scrub_in_a_sweep_and_the_demo(tmp_path, capsys):
+    import yaml
+
+    from pmc_unlearn import demo as D
+
+    spec = {"base": {"model": {"name": "tiny-random"}, "data": {"forget": "tofu:forget01", "max_forget": 2}},
+            "methods": {"scrub": {"set": {"train.epochs": 3}, "grid": {"scrub.alpha": [0.001, 1.0]}}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["sweep", "--config", str(tmp_path / "s.yaml"), "--output", str(tmp_path / "o"), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [p["label"] for p in plan["points"]] == ["scrub train.epochs=3 alpha=0.001",
+                                                     "scrub train.epochs=3 alpha=1"]
+    # the demo profiles list scrub (off); turned on, it gets an unlearning and an evaluation stage
+    for name in ("default", "quick", "test"):
+        assert "scrub" in D.load_profile(name)["unlearn"]
+    d = D.Demo(D.load_profile("test", ["unlearn.scrub={train: {epochs: 3, batch_size: 2}, scrub: {max_epochs: 1}}"]),
+               tmp_path / "d")
+    stages = {s.name: s for s in d.build()}
+    assert stages["unlearn/scrub"].key and not stages["unlearn/scrub"].skip_reason and "eval/scrub" in stages
+    off = D.Demo(D.load_profile("test"), tmp_path / "d2")
+    assert "unlearn/scrub" not in {s.name for s in off.build()} and any("scrub: turned off" in n for n in off.notes)

@@ -200,3 +200,14 @@ def test_sweep_over_pmc_rewards(tmp_path):
         assert r["status"] == "done" and r["config"]["pmc"]["reward"] == name
         assert r["train"]["method_info"]["reward"] == name
         assert {"unlearn_quality", "utility"} <= set(r["summary"])
+
+
+def test_reward_comparison_sweep_file():
+    from pathlib import Path
+
+    from pmc_unlearn.sweep import parse_sweep
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "sweep-rewards.yaml"
+    specs, base, ev = parse_sweep(yaml.safe_load(path.read_text()), path)
+    assert [p["pmc.reward"] for _, p, _ in specs] == list(R.REWARDS)
+    assert base["model"]["name"] == "demo_out/runs/target/model" and ev["forget_split"] == "forget01"
