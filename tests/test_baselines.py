@@ -137,6 +137,20 @@ def test_idk_and_idkdpo_losses_in_method():
     assert logs["train/forget_nll"] == pytest.approx(-LN14, abs=1e-5)
 
 
+def test_scrub_max_and_min_steps_in_method():
+    # teacher predicts (1/2, 1/2), student (1/4, 3/4) at every position; T = 1:
+    #   KL(teacher || student) = 1/2 ln((1/2)/(1/4)) + 1/2 ln((1/2)/(3/4)) = 1/2 ln(4/3) = 0.143841 per position
+    m = METHODS["scrub"](B.SCRUBConfig(alpha=0.5, gamma=2.0, kl_temperature=1.0))
+    m.teacher = UNIFORM
+    # max step (forget rows only): -KL = -0.143841
+    loss, logs = _loss(m, _prep("f", 1))
+    assert loss == pytest.approx(-0.143841, abs=1e-5) and logs["train/forget_kl"] == pytest.approx(0.143841, abs=1e-5)
+    # min step (retain rows only): 0.5 x 0.143841 + 2 x -ln(1/4) = 0.071921 + 2.772589 = 2.844510
+    loss, logs = _loss(m, _prep("r", 0))
+    assert loss == pytest.approx(2.844510, abs=1e-5)
+    assert logs["train/retain_nll"] == pytest.approx(1.386294, abs=1e-5)
+
+
 def test_retain_weight_zero_drops_retain_rows():
     m = METHODS["gd"](B.GDConfig(retain_weight=0.0))
     assert m._retain_rows(SimpleNamespace(retain=[{"question": "q", "answer": "a"}]), [0]) == []
@@ -147,7 +161,7 @@ def test_retain_weight_zero_drops_retain_rows():
 BASE = ["unlearn", "--model", "tiny-random", "--forget", "tofu:forget01", "--retain", "tofu:retain99"]
 QUICK = ["data.max_forget=4", "train.batch_size=2", "train.grad_accum=1", "train.epochs=1",
          "train.warmup_epochs=0", "train.lr=1e-3"]
-REF_METHODS = ("npo", "idkdpo", "rmu")
+REF_METHODS = ("npo", "idkdpo", "rmu", "scrub")
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +176,7 @@ def _changed(out, base):
     return {k for k in after if k in base and not torch.equal(after[k], base[k])}
 
 
-@pytest.mark.parametrize("method", ["ga", "gd", "npo", "simnpo", "idk", "idkdpo", "rmu", "retain_ft"])
+@pytest.mark.parametrize("method", ["ga", "gd", "npo", "simnpo", "idk", "idkdpo", "rmu", "retain_ft", "scrub"])
 def test_method_runs_end_to_end_and_changes_weights(tmp_path, base_weights, method):
     out = tmp_path / method
     assert main([*BASE, "--method", method, "--output", str(out), *QUICK]) == 0
@@ -207,8 +221,27 @@ def test_retain_ft_matches_another_runs_time(tmp_path):
     assert man["method_info"]["train_max_time_s"] == pytest.approx(0.001)
 
 
+def test_scrub_end_to_end_min_then_max_pass(tmp_path, base_weights):
+    # 4 forget questions, batch 2: epoch 0 = 2 min steps on retain pairs, epoch 1 = 2 max steps on forget answers
+    out = tmp_path / "scrub"
+    assert main([*BASE, "--method", "scrub", "--output", str(out), *QUICK, "train.epochs=2", "scrub.max_epochs=1"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "completed" and man["steps"] == 4
+    assert man["method_info"]["reference_model_bytes"] > 0
+    assert _changed(out, base_weights)
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["train/scrub_max_phase"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
+    assert all("train/retain_kl" in r and "train/forget_kl" not in r for r in rows[:2])
+    assert all(r["train/loss"] == pytest.approx(-r["train/forget_kl"], abs=1e-4) for r in rows[2:])
+    # the first step runs before any update: the student is the teacher
+    assert abs(rows[0]["train/retain_kl"]) < 1e-4
+    cfg = (out / "config.yaml").read_text()
+    assert "scrub:" in cfg and "kl_temperature: 4.0" in cfg
+
+
 @pytest.mark.parametrize("args, msg", [
     (["--method", "npo", "npo.beta=0"], "npo.beta"),
+    (["--method", "scrub", "scrub.kl_temperature=0"], "scrub.kl_temperature"),
     (["--method", "simnpo", "simnpo.retain_weight=-1"], "simnpo.retain_weight"),
     (["--method", "retain_ft", "retain_ft.match_run=/nonexistent/run"], "no manifest.json"),
     (["--method", "idk", "idk.refusals=missing.jsonl"], "missing.jsonl"),
@@ -219,3 +252,28 @@ def test_bad_baseline_config_exit_2(tmp_path, capsys, args, msg):
     assert main([*BASE, "--output", str(out), *args]) == 2
     assert msg in capsys.readouterr().err
     assert not out.exists()
+
+
+# ----- SCRUB in the sweep and the demo ------------------------------------------------------------
+
+def test_scrub_in_a_sweep_and_the_demo(tmp_path, capsys):
+    import yaml
+
+    from pmc_unlearn import demo as D
+
+    spec = {"base": {"model": {"name": "tiny-random"}, "data": {"forget": "tofu:forget01", "max_forget": 2}},
+            "methods": {"scrub": {"set": {"train.epochs": 3}, "grid": {"scrub.alpha": [0.001, 1.0]}}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["sweep", "--config", str(tmp_path / "s.yaml"), "--output", str(tmp_path / "o"), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [p["label"] for p in plan["points"]] == ["scrub train.epochs=3 alpha=0.001",
+                                                     "scrub train.epochs=3 alpha=1"]
+    # the demo profiles list scrub (off); turned on, it gets an unlearning and an evaluation stage
+    for name in ("default", "quick", "test"):
+        assert "scrub" in D.load_profile(name)["unlearn"]
+    d = D.Demo(D.load_profile("test", ["unlearn.scrub={train: {epochs: 3, batch_size: 2}, scrub: {max_epochs: 1}}"]),
+               tmp_path / "d")
+    stages = {s.name: s for s in d.build()}
+    assert stages["unlearn/scrub"].key and not stages["unlearn/scrub"].skip_reason and "eval/scrub" in stages
+    off = D.Demo(D.load_profile("test"), tmp_path / "d2")
+    assert "unlearn/scrub" not in {s.name for s in off.build()} and any("scrub: turned off" in n for n in off.notes)

@@ -45,3 +45,49 @@ def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """NLL averaged over every answer token in the batch (HF's causal-LM loss), scalar."""
     lp, mask = token_logprobs(logits, labels)
     return -lp.sum() / mask.sum().clamp(min=1)
+
+
+# ----- SCRUB (Kurmanji et al. 2023): distillation from the frozen starting model ------------------
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+               temperature: float = 1.0) -> torch.Tensor:
+    """Token-mean KL(teacher || student) over answer positions, at temperature T, times T^2.
+
+    Both distributions are softmax(logits / T) over the vocabulary; the KL of each position that
+    predicts a counted label is summed over the vocabulary and averaged over those positions
+    (every answer token of the batch weighs the same, as the token-mean NLL). The T^2 factor
+    (Hinton et al.'s distillation convention, kept by SCRUB) keeps gradients comparable across T.
+    Logits [B, T, V] (same window for both), labels [B, T]; fp32 math; 0 when nothing counts.
+    """
+    s, tg = shift(student_logits, labels)
+    t, _ = shift(teacher_logits, labels)
+    mask = tg != IGNORE  # [B, T-1]
+    if not bool(mask.any()):
+        return student_logits.sum() * 0.0
+    s, t = s[mask].float(), t[mask].float()  # [N, V]: only the counted positions
+    log_q = F.log_softmax(s / temperature, dim=-1)  # student
+    log_p = F.log_softmax(t / temperature, dim=-1)  # teacher
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [N]
+    return kl.mean() * temperature**2
+
+
+def scrub_max_loss(forget_kl: torch.Tensor) -> torch.Tensor:
+    """SCRUB's max-step: descend -KL(teacher || student) on the forget answers (move away from the teacher)."""
+    return -forget_kl
+
+
+def scrub_min_loss(retain_kl: torch.Tensor, retain_nll: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """SCRUB's min-step on the retain set: alpha x KL(teacher || student) + gamma x task NLL."""
+    return alpha * retain_kl + gamma * retain_nll
+
+
+def scrub_phase(epoch: int, max_epochs: int) -> str:
+    """"max" or "min" for a loop epoch (0-based): the odd epochs below 2 x max_epochs are max passes,
+    every other epoch a min pass (min, max, min, max, ..., min, min, ...).
+
+    SCRUB's own order puts each max pass before its min pass. Its first max pass would start with
+    the student equal to the teacher, where KL(teacher || student) and its gradient are exactly 0
+    (a language model has no dropout or batch-norm noise to break the tie), so it could not move:
+    each SCRUB epoch here starts with its min pass instead.
+    """
+    return "max" if epoch < 2 * max_epochs and epoch % 2 == 1 else "min"

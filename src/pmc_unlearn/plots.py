@@ -39,9 +39,10 @@ PARETO_PANELS: tuple[Panel, ...] = (
 # Fixed colours for the methods we ship, so a method keeps its colour across plots.
 METHOD_COLOURS = {
     "pmc": "#d62728", "ga": "#7f7f7f", "gd": "#8c564b", "npo": "#1f77b4", "simnpo": "#17becf",
-    "idk": "#bcbd22", "idkdpo": "#9467bd", "rmu": "#ff7f0e", "retain_ft": "#2ca02c", "base": "#000000",
+    "idk": "#bcbd22", "idkdpo": "#9467bd", "rmu": "#ff7f0e", "retain_ft": "#2ca02c", "scrub": "#e377c2",
+    "base": "#000000",
 }
-_EXTRA = ("#e377c2", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2")
+_EXTRA = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2")
 
 
 def method_colour(method: str, order: Sequence[str] = ()) -> str:

