@@ -191,3 +191,33 @@ def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path):
     with pytest.raises(UserError, match="not empty"):
         D.Demo(D.load_profile("test"), tmp_path).build()
     assert (tmp_path / "mine.txt").exists()
+
+
+def test_base_model_row_is_optional():
+    """evaluate.base: the shipped profiles leave the untuned model out (one evaluation fewer); the test profile keeps it."""
+    names = lambda prof, over=(): [s["name"] for s in D.plan(prof, list(over))["stages"]]  # noqa: E731
+    assert "eval/base" in names("test")
+    assert "eval/base" not in names("test", ["evaluate.base=false"])
+    for prof in ("quick", "default"):
+        got = names(prof)
+        assert "eval/base" not in got and {"eval/retain", "eval/target", "eval/pmc"} <= set(got)
+    with pytest.raises(UserError, match="evaluate.base"):
+        D.load_profile("test", ["evaluate.base=maybe"])
+
+
+def test_stage_estimates_follow_the_precision(monkeypatch):
+    """The ETA's first estimates use the rate table of the precision that will run, scaled by a matmul probe."""
+    from pmc_unlearn import precision as P
+
+    monkeypatch.setattr(D, "matmul_gflops", lambda bf16, size=1024, reps=3: D._REF_GFLOPS["bf16" if bf16 else "fp32"])
+    est = {}
+    for native in (True, False):
+        monkeypatch.setattr(P, "cpu_native_bf16", lambda native=native: native)
+        est[native] = {s["name"]: s["est_s"] for s in D.plan("default")["stages"]}
+    # fp32 per-unit rates are larger than bf16's, so every training and evaluation stage is estimated longer
+    for name in ("finetune/target", "unlearn/pmc", "eval/target"):
+        assert est[False][name] > est[True][name], name
+    # a machine half as fast as the table's is estimated twice as long
+    monkeypatch.setattr(D, "matmul_gflops", lambda bf16, size=1024, reps=3: D._REF_GFLOPS["fp32"] / 2)
+    slow = {s["name"]: s["est_s"] for s in D.plan("default")["stages"]}
+    assert slow["finetune/target"] == pytest.approx(2 * est[False]["finetune/target"], abs=1)

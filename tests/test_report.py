@@ -211,3 +211,13 @@ def test_report_renders_in_headless_chromium(by_hand, tmp_path):
 
     px = mpimg.imread(str(shot))
     assert px.shape[0] >= 1000 and px.std() > 0.05, "the screenshot is blank"
+
+
+def test_target_check_uses_the_retain_model_without_a_base_row(by_hand, tmp_path):
+    """Base forget ROUGE-L 0.10 (UQ 90) -> target 0.95 (UQ 5); without the base row: retain 0.15 (UQ 85) -> 0.95."""
+    d = by_hand
+    page = build_report([d / "runs", d / "evals"], tmp_path / "a" / "report.html")["html"].read_text()
+    assert "0.100 (base) → 0.950 (target)" in page
+    shutil.rmtree(d / "evals" / "base")
+    page = build_report([d / "runs", d / "evals"], tmp_path / "b" / "report.html")["html"].read_text()
+    assert "0.150 (retain) → 0.950 (target)" in page and "learned the forget authors" in page

@@ -59,7 +59,7 @@ DEMO_VERSION = 1  # bump when a stage's meaning changes: every cached stage is r
 PROFILES = ("quick", "default")  # shown in --help; "test" (tiny-random, seconds) is for the test suite
 PROFILE_KEYS = {"description", "model", "prompt", "authors", "finetune", "unlearn", "evaluate", "attacks", "report"}
 PROMPT_KEYS = {"use_chat_template", "system_prompt"}
-EVAL_KEYS = {"max_new_tokens", "batch_size", "forget", "retain", "real_authors", "world_facts", "holdout", "dtype"}
+EVAL_KEYS = {"max_new_tokens", "batch_size", "forget", "retain", "real_authors", "world_facts", "holdout", "dtype", "base"}
 EVAL_DTYPES = ("auto", "float32", "bfloat16")
 BASELINES = ("npo", "gd")
 STAGE_FILE = "stage.json"
@@ -155,7 +155,9 @@ def validate_profile(p: dict[str, Any]) -> None:
     dt = p["evaluate"].get("dtype", "auto")
     if dt not in EVAL_DTYPES:
         raise UserError(f"evaluate.dtype={dt!r}: choose one of {', '.join(EVAL_DTYPES)}")
-    for k in EVAL_KEYS - {"dtype"}:
+    if not isinstance(p["evaluate"].get("base", True), bool):
+        raise UserError(f"evaluate.base={p['evaluate']['base']!r}: true (evaluate the base model too) or false")
+    for k in EVAL_KEYS - {"dtype", "base"}:
         v = p["evaluate"].get(k)
         if not isinstance(v, int) or v < 1:
             raise UserError(f"evaluate.{k}={v!r}: must be a positive integer")
@@ -548,7 +550,9 @@ class Demo:
             eval_common["dtype"] = self.eval_dtype
         if p.get("prompt"):  # the base model is evaluated with the profile's prompt format
             eval_common["prompt"] = p["prompt"]
-        order = ["retain", "target", "base"] + unlearned
+        # the base model's row is optional (evaluate.base): the report's target check then compares
+        # the target with the retain model, which never saw the forget authors either
+        order = ["retain", "target"] + (["base"] if ev.get("base", True) else []) + unlearned
         eval_keys: dict[str, str] = {}
         by_name = {s.name: s for s in stages}
         for mname in order:
@@ -649,6 +653,14 @@ class Demo:
             _write_json(self.root / DEMO_FILE, demo)
 
         n = len(stages)
+        import torch
+
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        todo = sum(s.est_s for s in stages if not s.skip_reason and read_stage(s.dir).get("key") != s.key)
+        prec = resolve_bf16("auto", dev)
+        demo["precision"] = {"device": dev, "auto_bf16": prec.bf16, "reason": prec.reason, "eval_dtype": self.eval_dtype}
+        self._line(f"[demo] {n} stages, about {_fmt_s(todo)} of work to do on this machine "
+                   f"({prec.reason}: {'bf16' if prec.bf16 else 'fp32'} where the profile says auto)")
         for i, st in enumerate(stages, 1):
             remaining = sum(s.est_s for s in stages[i - 1:] if status.get(s.name) is None)
             scale = ratio_num / ratio_den if ratio_den else 1.0

@@ -95,14 +95,17 @@ def headline(data: ReportData) -> Section:
                      *[fmt(m.metric(k), f) for k, _, f in HEADLINE], fmt(m.train_time_s, "s"), fmt(m.eval_time_s, "s")])
         hl.append(m.is_pmc)
     sec.blocks.append(Table(header, rows, hl))
-    # did the target learn the facts? (the demo's sanity check)
-    base = next((m for m in data.models if m.role == "base" and m.metric("forget_rougeL_recall") is not None), None)
-    target = next((m for m in data.models if m.role == "target" and m.metric("forget_rougeL_recall") is not None), None)
+    # did the target learn the facts? (the demo's sanity check) Against the base model, or, where
+    # the base model was not evaluated, the retain model (the same recipe without the forget authors)
+    def with_forget(role):
+        return next((m for m in data.models if m.role == role and m.metric("forget_rougeL_recall") is not None), None)
+
+    base, target = with_forget("base") or with_forget("retain"), with_forget("target")
     if base and target:
         b, t = base.metric("forget_rougeL_recall"), target.metric("forget_rougeL_recall")
         verdict = ("the target learned the forget authors' facts" if t >= b + 0.2 else
                    "WARNING: the target barely learned the forget authors' facts; unlearning numbers mean little")
-        sec.blocks.append(("p", f"Target check: forget ROUGE-L recall {b:.3f} (base) → {t:.3f} (target): {verdict}."))
+        sec.blocks.append(("p", f"Target check: forget ROUGE-L recall {b:.3f} ({base.role}) → {t:.3f} (target): {verdict}."))
     retain_rows = {m.summary.get("n_examples_retain") for m in data.models if m.summary.get("retain_split_note")}
     notes = {m.summary.get("retain_split_note") for m in data.models if m.summary.get("retain_split_note")}
     for n in sorted(x for x in notes if x):
