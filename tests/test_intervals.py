@@ -75,3 +75,26 @@ def test_summary_intervals_and_the_ks_statistic():
     assert "utility_ci" not in out  # not finite in the point estimate: no interval
     assert out["forget_ks_statistic"] == 1.0 and out["forget_ks_statistic_ci"] == [1.0, 1.0]
     assert "p-value" in out["ci_method"] and "seed 0" in out["ci_method"]
+
+
+def test_evaluation_summary_has_intervals(tmp_path):
+    """`pmc-unlearn eval` on tiny-random: each headline number sits inside its interval; the retain model's own
+    records as reference give forget quality 1 and KS D = 0 in every resample."""
+    import json
+
+    from pmc_unlearn.cli import main
+
+    out = tmp_path / "ev"
+    args = ["eval", "--model", "tiny-random", "--forget-split", "forget01", "--max-examples", "6",
+            "--max-new-tokens", "4", "--batch-size", "8", "--no-cache", "--dtype", "float32", "--bootstrap", "200"]
+    assert main([*args, "--no-forget-quality", "--output", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    for k in ("unlearn_quality", "utility", "model_utility", "forget_rougeL_recall", "retain_rougeL_recall",
+              "forget_truth_ratio", "retain_truth_ratio"):
+        lo, hi = s[f"{k}_ci"]
+        assert lo <= s[k] + 1e-9 and s[k] - 1e-9 <= hi, k
+    assert "forget_quality_ci" not in s and "200 resamples" in s["ci_method"]
+    assert main([*args, "--retain-records", str(out), "--output", str(tmp_path / "self")]) == 0
+    s = json.loads((tmp_path / "self" / "summary.json").read_text())
+    assert s["forget_quality"] == pytest.approx(1.0) and s["forget_ks_statistic_ci"] == [0.0, 0.0]
+    assert main([*args[:-2], "--bootstrap", "-1", "--no-forget-quality", "--output", str(tmp_path / "x")]) == 2

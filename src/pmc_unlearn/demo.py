@@ -306,6 +306,9 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
     C.write_records(records, out / "records.jsonl")
     ref = read_reference(out / "records.jsonl") if self_reference else (read_reference(reference) if reference else None)
     summary = M.summarize(records, ref, require_forget_quality=False)
+    from pmc_unlearn.evaluation.intervals import tofu_intervals
+
+    summary.update(tofu_intervals(records, summary, ref))
     summary.update({
         "model_name": model, "model_fingerprint": fp, "forget_split": specs[0].source.removeprefix("tofu:").removesuffix("_perturbed"),
         **{f"n_examples_{s.name}": len(s.items) for s in specs},

@@ -20,6 +20,7 @@ from pmc_unlearn.errors import UserError
 from pmc_unlearn.evaluation import collect as C
 from pmc_unlearn.evaluation import export
 from pmc_unlearn.evaluation import metrics as M
+from pmc_unlearn.evaluation.intervals import tofu_intervals
 from pmc_unlearn.evaluation.reference import check_reference, read_reference
 from pmc_unlearn.formatting import PromptFormat
 from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, resolve_dtype
@@ -86,14 +87,18 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
     device: str | None = None,
+    bootstrap: int = 1000,
 ) -> dict:
     """Evaluate a model (alias, folder, hub id, or a `models.LoadedModel`) on TOFU; returns summary.json's dict.
 
-    Without `retain_records`, `require_forget_quality=True` raises UserError (forget quality needs
+    `bootstrap` resamples (0: none) give every headline number a 95% interval over questions
+    (`<key>_ci`; `evaluation.intervals`). Without `retain_records`, `require_forget_quality=True` raises UserError (forget quality needs
     the retain model); with False, forget_quality and privleak are null and a note says why.
     """
     # 1. validate everything before any work
     fmt = fmt or C.EVAL_FORMAT
+    if bootstrap < 0:
+        raise UserError(f"--bootstrap {bootstrap}: give 0 (no intervals) or a number of resamples such as 1000")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if max_new_tokens < 1:
@@ -169,6 +174,7 @@ def evaluate(
     # 4. aggregate (pure)
     t2 = time.time()
     summary = M.summarize(records, reference, require_forget_quality=False)
+    summary.update(tofu_intervals(records, summary, reference, n_boot=bootstrap))
     t_agg = time.time() - t2
     summary.update({
         "model_name": lm.name,

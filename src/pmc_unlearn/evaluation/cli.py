@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain-prompt", action="store_true",
                    help="use 'Question: ...\\nAnswer:' instead of the tokenizer's chat template (must match training)")
     p.add_argument("--system-prompt", default=None, help="system prompt for the chat template (default: the template's own)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="resamples for the 95%% intervals over questions of every headline number (<key>_ci in "
+                        "summary.json; fixed seed 0); 0 turns them off")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the per-split record cache")
     p.add_argument("--overwrite", action="store_true", help="discard records.jsonl already in --output instead of resuming")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.forget_split, args.output,
         retain_records=args.retain_records, require_forget_quality=not args.no_forget_quality,
         max_examples=args.max_examples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        dtype=args.dtype, retain_sample=args.retain_sample, fmt=fmt, use_cache=not args.no_cache,
+        dtype=args.dtype, retain_sample=args.retain_sample, fmt=fmt, use_cache=not args.no_cache, bootstrap=args.bootstrap,
         overwrite=args.overwrite, progress=not args.no_progress,
     )
 

@@ -132,3 +132,20 @@ def summary_intervals(records: Sequence[Record], point: Mapping[str, Any],
                         "stratified by split, forget and paraphrased forget resampled together; forget quality (a "
                         "p-value) has none, forget_ks_statistic (KS D) is its effect size")
     return out
+
+
+def tofu_intervals(records: Sequence[Record], point: Mapping[str, Any], reference=None,
+                   n_boot: int = N_BOOT, seed: int = SEED) -> dict[str, Any]:
+    """`summary_intervals` for a TOFU summary made by `metrics.summarize` (the evaluation's own aggregation)."""
+    from pmc_unlearn.evaluation import metrics as M
+
+    if n_boot <= 0:
+        return {"ci_method": "none (bootstrap turned off)"}
+
+    def aggregate(rs):
+        return M.summarize(rs, None, require_forget_quality=False)
+
+    ratios = getattr(reference, "truth_ratios", None) if reference is not None else None
+    return summary_intervals(records, point, aggregate, reference_ratios=ratios,
+                             forget_ratio=(lambda r: M.truth_ratios([r])[0]) if ratios else None,
+                             n_boot=n_boot, seed=seed)
