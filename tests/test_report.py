@@ -221,3 +221,14 @@ def test_target_check_uses_the_retain_model_without_a_base_row(by_hand, tmp_path
     shutil.rmtree(d / "evals" / "base")
     page = build_report([d / "runs", d / "evals"], tmp_path / "b" / "report.html")["html"].read_text()
     assert "0.150 (retain) → 0.950 (target)" in page and "learned the forget authors" in page
+
+
+def test_headline_shows_intervals_where_the_summary_has_them(by_hand, tmp_path):
+    d = by_hand
+    s = json.loads((d / "evals" / "pmc" / "summary.json").read_text())
+    s["unlearn_quality_ci"] = [88.25, 95.5]
+    s["model_utility_ci"] = [0.4, 0.45]
+    (d / "evals" / "pmc" / "summary.json").write_text(json.dumps(s))
+    page = build_report([d / "runs", d / "evals"], tmp_path / "r" / "report.html")["html"].read_text()
+    assert "92.0 [88.2, 95.5]" in page and "0.430 [0.400, 0.450]" in page
+    assert "70.0 [" not in page  # npo's summary has no intervals: the number alone

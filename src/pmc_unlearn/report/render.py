@@ -69,6 +69,15 @@ def fmt(v: Any, kind: str = "f3") -> str:
     return f"{v:.3f}"
 
 
+def with_ci(m, key: str, kind: str) -> str:
+    """A summary number and, where the summary has one, its 95% interval: `84.0 [78.1, 89.2]`."""
+    ci = m.summary.get(f"{key}_ci")
+    text = fmt(m.metric(key), kind)
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(x, (int, float)) and x == x for x in ci):
+        text += f" [{fmt(ci[0], kind)}, {fmt(ci[1], kind)}]"
+    return text
+
+
 def _short(text: Any, n: int = 400) -> str:
     t = "" if text is None else str(text)
     return t if len(t) <= n else t[: n - 1] + "…"
@@ -87,12 +96,14 @@ def headline(data: ReportData) -> Section:
     sec.intro.append(
         "Unlearn quality and utility are the PMC paper's output-level numbers (0-100, from greedy ROUGE-L recall); "
         "forget quality (KS-test p-value against the retain model's truth ratios) and model utility are TOFU's. "
-        "Training time is the fine-tuning or unlearning run's wall time; evaluation time is separate.")
+        "Training time is the fine-tuning or unlearning run's wall time; evaluation time is separate. "
+        "Brackets: 95% bootstrap intervals over the evaluated questions (where the evaluation wrote them); "
+        "forget quality is a p-value and has none.")
     header = ["Model", "Role", "Method", *[t for _, t, _ in HEADLINE], "Train time", "Eval time"]
     rows, hl = [], []
     for m in data.models:
         rows.append([m.label + (" ★" if m.is_pmc else ""), m.role, m.method or "—",
-                     *[fmt(m.metric(k), f) for k, _, f in HEADLINE], fmt(m.train_time_s, "s"), fmt(m.eval_time_s, "s")])
+                     *[with_ci(m, k, f) for k, _, f in HEADLINE], fmt(m.train_time_s, "s"), fmt(m.eval_time_s, "s")])
         hl.append(m.is_pmc)
     sec.blocks.append(Table(header, rows, hl))
     # did the target learn the facts? (the demo's sanity check) Against the base model, or, where
