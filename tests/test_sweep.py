@@ -47,11 +47,11 @@ def test_grid_expansion_and_block_override():
         "points": [{"method": "simnpo", "simnpo.beta": 3.0}],
     }
     specs, base, ev = parse_sweep(raw, Path("x.yaml"))
-    methods = [m for m, _, _ in specs]
+    methods = [m for m, _, _, _ in specs]
     assert methods.count("npo") == 8 and methods.count("ga") == 2 and methods.count("simnpo") == 1
-    assert {tuple(sorted(p.items())) for m, p, _ in specs if m == "ga"} == {
+    assert {tuple(sorted(p.items())) for m, p, _, _ in specs if m == "ga"} == {
         (("train.lr", 1e-6), ("train.seed", 0)), (("train.lr", 1e-6), ("train.seed", 1))}
-    assert all(not any(k.startswith("npo.") for k in p) for m, p, _ in specs if m != "npo")
+    assert all(not any(k.startswith("npo.") for k in p) for m, p, _, _ in specs if m != "npo")
 
 
 def test_example_sweep_file_is_valid(capsys):
@@ -75,6 +75,9 @@ def test_example_sweep_file_is_valid(capsys):
     ({"methods": {"ga": {"set": {"data.forget": "tofu:holdout01"}}}}, "set eval.forget_split"),
     ({"methods": {"ga": {}}, "base_": {}}, "unknown top-level key"),
     ({"base": {"npo": {"beta": 0.1}}, "methods": {"npo": {}}}, "not model/data/train"),
+    ({"methods": {"ga": {}}, "seeds": [0, 0]}, "seeds: give a non-empty list of distinct integers"),
+    ({"methods": {"ga": {"seeds": 3}}}, "methods.ga.seeds: give a non-empty list"),
+    ({"methods": {"ga": {"set": {"train.seed": 1}, "seeds": [0, 1]}}}, "train.seed and seeds both given"),
 ])
 def test_bad_sweep_file_exit_2_before_any_work(tmp_path, capsys, spec, msg):
     spec = {"base": BASE, **spec}
@@ -164,3 +167,56 @@ def test_one_worker_process_per_device(tmp_path):
     assert logs == ["worker-0.log", "worker-1.log"]
     for k, row in enumerate(rows):  # worker k ran point k
         assert row["id"] in (out / "logs" / f"worker-{k}.log").read_text()
+
+
+def test_seeds_expand_every_setting():
+    raw = {"base": BASE, "seeds": [0, 1, 2],
+           "methods": {"ga": {"grid": {"train.lr": [1e-3, 1e-2]}}, "npo": {"seeds": [5]}},
+           "points": [{"method": "simnpo", "seeds": [7, 8]}, {"method": "gd", "train.seed": 4}]}
+    specs, _, _ = parse_sweep(raw, Path("x.yaml"))
+    assert [(m, s) for m, _, _, s in specs] == [("ga", [0, 1, 2]), ("ga", [0, 1, 2]), ("npo", [5]),
+                                                 ("simnpo", [7, 8]), ("gd", None)]
+
+
+def test_mean_interval_and_seed_means_by_hand():
+    from pmc_unlearn.plots import mean_interval, seed_means
+
+    # [1, 2, 3]: mean 2, sd 1, se 1/sqrt(3) = 0.57735, t(0.975, 2) = 4.30265 -> half-width 2.48414
+    m, h = mean_interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(2.48414, abs=1e-5)
+    assert mean_interval([5.0]) == (5.0, 0.0)
+    pts = [{"method": "ga", "group": "ga lr=1", "seed": 0, "utility": 10.0, "forget_quality": None},
+           {"method": "ga", "group": "ga lr=1", "seed": 1, "utility": 20.0, "forget_quality": None},
+           {"method": "ga", "group": "ga lr=2", "seed": 0, "utility": 7.0},
+           {"method": "npo", "label": "lonely", "utility": 3.0}]
+    rows = seed_means(pts)
+    assert [r["label"] for r in rows] == ["ga lr=1", "ga lr=2", "lonely"]
+    # [10, 20]: mean 15, sd 7.0711, se 5, t(0.975, 1) = 12.7062 -> 63.531
+    assert rows[0]["utility"] == 15.0 and rows[0]["utility_err"] == pytest.approx(63.531, abs=1e-3)
+    assert rows[0]["n_seeds"] == 2 and rows[0]["seeds"] == [0, 1] and "forget_quality" not in rows[0]
+    assert rows[1]["utility"] == 7.0 and "utility_err" not in rows[1] and rows[2]["n_seeds"] == 1
+
+
+def test_sweep_with_two_seeds_draws_interval_bars(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    from pmc_unlearn.plots import PARETO_PANELS, plot_pareto, seed_means
+    from pmc_unlearn.sweep import flat_points
+
+    spec = {"base": BASE, "seeds": [0, 1], "methods": {"ga": {}}, "eval": EVAL}
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--config", str(write(tmp_path, spec)), "--output", str(out), "--devices", "cpu"]) == 0
+    rows = [json.loads(x) for x in (out / "points.jsonl").read_text().splitlines()]
+    assert [(r["group"], r["seed"]) for r in rows] == [("ga", 0), ("ga", 1)]
+    assert [r["config"]["train"]["seed"] for r in rows] == [0, 1] and rows[0]["id"] != rows[1]["id"]
+    means = seed_means(flat_points(rows))
+    assert len(means) == 1 and means[0]["n_seeds"] == 2 and "unlearn_quality_err" in means[0]
+    fig, ax = plt.subplots()
+    plot_pareto(ax, means, PARETO_PANELS[0])
+    assert any(isinstance(c, ErrorbarContainer) for c in ax.containers)
+    plt.close(fig)
+    assert (out / "pareto.png").stat().st_size > 0

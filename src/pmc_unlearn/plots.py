@@ -6,6 +6,8 @@ Both axes of every panel are "higher is better", so a point is dominated when an
 the same method is at least as good on both axes and better on one. Front points get a black edge.
 
     pareto_front(xy)                      indices of the non-dominated points, by increasing x
+    mean_interval(values)                 mean and 95% t-interval half-width over seeds
+    seed_means(points)                    one point per setting (`group`): means over its seeds, `<key>_err` bars
     plot_pareto(ax, points, panel)        one panel: a colour per method, each method's front as a line
     save_pareto(points, stem, panels)     a figure with one panel per Panel, written as stem.png and stem.svg
 """
@@ -69,6 +71,44 @@ def pareto_front(xy: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (xy[i][0], -xy[i][1]))
 
 
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the Student-t interval for the mean) of the finite values; half-width 0 for one value.
+
+    Example: [1, 2, 3] -> mean 2, sd 1, se 1/sqrt(3), t(0.975, 2 df) = 4.3027 -> (2.0, 2.4841).
+    """
+    v = [float(x) for x in values if _value(x) is not None]
+    if not v:
+        return (float("nan"), float("nan"))
+    m = sum(v) / len(v)
+    if len(v) == 1:
+        return (m, 0.0)
+    from scipy.stats import t
+
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+    return (m, float(t.ppf(0.5 + level / 2, len(v) - 1)) * sd / math.sqrt(len(v)))
+
+
+def seed_means(points: Sequence[Mapping]) -> list[dict]:
+    """Points of one setting (same method and `group`; a point without a group is its own) -> one point:
+    every numeric metric's mean over the seeds, its interval half-width as `<key>_err`, and `n_seeds`."""
+    groups: dict[tuple, list[Mapping]] = {}
+    for i, p in enumerate(points):
+        key = (str(p.get("method", "?")), p.get("group") if p.get("group") is not None else ("#", i))
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (method, _), ps in groups.items():
+        row: dict = {"method": method, "label": ps[0].get("group") or ps[0].get("label"), "group": ps[0].get("group"),
+                     "n_seeds": len(ps), "seeds": [p.get("seed") for p in ps]}
+        keys = [k for k in ps[0] if k not in row and k not in ("seed", "label") and _value(ps[0][k]) is not None]
+        for k in keys:
+            m, h = mean_interval([p.get(k) for p in ps])
+            row[k] = m
+            if len(ps) > 1:
+                row[f"{k}_err"] = h
+        out.append(row)
+    return out
+
+
 def _value(v) -> float | None:
     if v is None or isinstance(v, bool):
         return None
@@ -86,7 +126,7 @@ def plot_pareto(ax, points: Sequence[Mapping], panel: Panel) -> dict[str, int]:
     drawn: dict[str, int] = {}
     skipped = 0
     for m in methods:
-        xy, labels = [], []
+        xy, labels, errs = [], [], []
         for p in points:
             if str(p.get("method", "?")) != m:
                 continue
@@ -96,9 +136,16 @@ def plot_pareto(ax, points: Sequence[Mapping], panel: Panel) -> dict[str, int]:
                 continue
             xy.append((x, y))
             labels.append(p.get("label"))
+            errs.append((_value(p.get(f"{panel.x}_err")) or 0.0, _value(p.get(f"{panel.y}_err")) or 0.0))
         if not xy:
             continue
         colour = method_colour(m, methods)
+        has_bars = any(f"{panel.x}_err" in p or f"{panel.y}_err" in p for p in points if str(p.get("method", "?")) == m)
+        if has_bars:  # means over seeds: 95% interval bars (clipped above 0 on a log axis; zero-length when the seeds agree)
+            xs = [a for a, _ in xy]
+            xerr = [[min(ex, a * 0.999) if panel.logx else ex for a, (ex, _) in zip(xs, errs)], [ex for ex, _ in errs]]
+            ax.errorbar(xs, [b for _, b in xy], xerr=xerr, yerr=[ey for _, ey in errs], fmt="none",
+                        ecolor=colour, elinewidth=0.9, capsize=2, alpha=0.7, zorder=2)
         ax.scatter([a for a, _ in xy], [b for _, b in xy], color=colour, s=24, alpha=0.6, label=m, zorder=3)
         front = pareto_front(xy)
         fx, fy = [xy[i][0] for i in front], [xy[i][1] for i in front]

@@ -8,6 +8,10 @@ The sweep file (full example: configs/sweep-example.yaml, docs/methods.md):
               a method's own section (npo.beta) may appear only in its block, so the config loader
               never sees npo.* on a pmc point. A block key replaces the shared axis of the same name.
     points:   [{method: name, section.key: value, ...}]  extra single points
+    seeds:    [0, 1, 2]  every setting runs once per seed (train.seed); a method block or a single
+              point may give its own `seeds`. points.jsonl keeps every seed's run (`group` names
+              the setting, `seed` the seed); the plots draw each setting's mean over its seeds
+              with 95% interval bars (plots.seed_means)
     eval:     settings of `evaluate` (forget_split, retain_records, max_examples, ...)
 
 A point's config = built-in defaults < base < shared-grid combination < block `set` < block-grid
@@ -50,8 +54,8 @@ from pmc_unlearn.errors import TrainingDiverged, UserError
 
 log = logging.getLogger(__name__)
 
-TOP_KEYS = ("base", "grid", "methods", "points", "eval")
-BLOCK_KEYS = ("set", "grid")
+TOP_KEYS = ("base", "grid", "methods", "points", "eval", "seeds")
+BLOCK_KEYS = ("set", "grid", "seeds")
 RUN_SECTIONS = ("model", "data", "train")
 POINTS_FILE = "points.jsonl"
 POINT_FILE = "point.json"
@@ -80,6 +84,8 @@ class Point:
     params: dict[str, Any]  # the keys this point sets on top of `base` (dotted)
     cfg: RunConfig
     forget_split: str
+    group: str = ""  # the setting's label without the seed (several seeds: several points, one group)
+    seed: int | None = None  # the seed from `seeds`, None when the sweep gives none
 
 
 @dataclass
@@ -161,8 +167,20 @@ def infer_forget_split(cfg: RunConfig) -> str | None:
     return None
 
 
-def parse_sweep(raw: Any, source: Path) -> tuple[list[tuple[str, dict[str, Any], str]], dict, dict]:
-    """The sweep file -> [(method, params, where)], base sections, eval values. Structure checks only."""
+def _seeds(where: str, value: Any, params: dict[str, Any] | None = None) -> list[int] | None:
+    """A `seeds` entry: None, or a non-empty list of distinct integers (and then no train.seed beside it)."""
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value or not all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+            or len(set(value)) != len(value)):
+        raise UserError(f"sweep {where}.seeds: give a non-empty list of distinct integers, e.g. [0, 1, 2]")
+    if params and "train.seed" in params:
+        raise UserError(f"sweep {where}: train.seed and seeds both given; keep one")
+    return list(value)
+
+
+def parse_sweep(raw: Any, source: Path) -> tuple[list[tuple[str, dict[str, Any], str, list[int] | None]], dict, dict]:
+    """The sweep file -> [(method, params, where, seeds)], base sections, eval values. Structure checks only."""
     if not isinstance(raw, dict):
         raise UserError(f"sweep {source}: expected a mapping with keys {', '.join(TOP_KEYS)}")
     unknown = sorted(set(raw) - set(TOP_KEYS))
@@ -181,6 +199,9 @@ def parse_sweep(raw: Any, source: Path) -> tuple[list[tuple[str, dict[str, Any],
     shared = raw.get("grid") or {}
     _check_keys("grid", list(shared) if isinstance(shared, dict) else [], None)
     shared_combos = _grid("grid", shared)
+    top_seeds = _seeds("", raw.get("seeds"))
+    if top_seeds and ("seed" in (base.get("train") or {}) or "train.seed" in shared):
+        raise UserError("sweep: train.seed and seeds both given; keep one")
 
     from pmc_unlearn.config import METHOD_CONFIGS
 
@@ -193,7 +214,7 @@ def parse_sweep(raw: Any, source: Path) -> tuple[list[tuple[str, dict[str, Any],
             raise UserError(f"sweep {where}: sft is plain fine-tuning, not unlearning; use `pmc-unlearn finetune`")
         return m
 
-    specs: list[tuple[str, dict[str, Any], str]] = []
+    specs: list[tuple[str, dict[str, Any], str, list[int] | None]] = []
     methods = raw.get("methods") or {}
     if not isinstance(methods, dict):
         raise UserError("sweep methods: expected a mapping of method name -> block ({set: ..., grid: ...})")
@@ -212,6 +233,7 @@ def parse_sweep(raw: Any, source: Path) -> tuple[list[tuple[str, dict[str, Any],
         _check_keys(f"methods.{name}.set", fixed, m)
         _check_keys(f"methods.{name}.grid", list(own) if isinstance(own, dict) else [], m)
         own_combos = _grid(f"methods.{name}.grid", own)
+        block_seeds = _seeds(f"methods.{name}", block.get("seeds"), {**fixed, **(own if isinstance(own, dict) else {})})
         replaced = set(fixed) | set(own)  # block keys replace shared axes of the same name
         seen: list[dict] = []
         for sc in shared_combos:
@@ -220,7 +242,9 @@ def parse_sweep(raw: Any, source: Path) -> tuple[list[tuple[str, dict[str, Any],
                 continue
             seen.append(sc)
             for oc in own_combos:
-                specs.append((m, {**sc, **fixed, **oc}, f"methods.{name}"))
+                params = {**sc, **fixed, **oc}
+                seeds = block_seeds or (None if "train.seed" in params else top_seeds)
+                specs.append((m, params, f"methods.{name}", seeds))
     points = raw.get("points") or []
     if not isinstance(points, list):
         raise UserError("sweep points: expected a list of {method: name, section.key: value, ...}")
@@ -229,9 +253,10 @@ def parse_sweep(raw: Any, source: Path) -> tuple[list[tuple[str, dict[str, Any],
         if not isinstance(p, dict) or "method" not in p:
             raise UserError(f"sweep {where}: expected a mapping with `method` and section.key: value entries")
         m = check_method(where, p["method"])
-        params = {k: v for k, v in p.items() if k != "method"}
+        params = {k: v for k, v in p.items() if k not in ("method", "seeds")}
         _check_keys(where, params, m)
-        specs.append((m, params, where))
+        seeds = _seeds(where, p.get("seeds"), params) or (None if "train.seed" in params else top_seeds)
+        specs.append((m, params, where, seeds))
     if not specs:
         raise UserError(f"sweep {source}: no points; add a `methods` block or a `points` list")
     ev = raw.get("eval") or {}
@@ -254,24 +279,27 @@ def load_sweep(path: str | Path) -> Sweep:
 
     points: list[Point] = []
     by_id: dict[str, str] = {}
-    for method, params, where in specs:
-        label = _label(method, params)
-        sections = {sec: dict(vals) for sec, vals in base.items()}
-        for sec, vals in _nest(params).items():
-            sections.setdefault(sec, {}).update(vals)
-        try:
-            cfg = load_config(method=method, extra=sections)
-        except UserError as e:
-            raise UserError(f"sweep {where}, point '{label}': {e}") from None
-        pid = point_id(cfg)
-        if pid in by_id:
-            raise UserError(f"sweep {where}: point '{label}' has the same config as '{by_id[pid]}'; drop one")
-        by_id[pid] = label
-        split = ev.forget_split or infer_forget_split(cfg)
-        if not split:
-            raise UserError(f"sweep {where}, point '{label}': data.forget={cfg.data.forget} is not a TOFU forget split; "
-                            "set eval.forget_split to the split to evaluate on")
-        points.append(Point(pid, label, method, params, cfg, split))
+    for method, params, where, seeds in specs:
+        group = _label(method, params)
+        for seed in seeds or [None]:
+            run_params = params if seed is None else {**params, "train.seed": seed}
+            label = group if seed is None else f"{group} seed={seed}"
+            sections = {sec: dict(vals) for sec, vals in base.items()}
+            for sec, vals in _nest(run_params).items():
+                sections.setdefault(sec, {}).update(vals)
+            try:
+                cfg = load_config(method=method, extra=sections)
+            except UserError as e:
+                raise UserError(f"sweep {where}, point '{label}': {e}") from None
+            pid = point_id(cfg)
+            if pid in by_id:
+                raise UserError(f"sweep {where}: point '{label}' has the same config as '{by_id[pid]}'; drop one")
+            by_id[pid] = label
+            split = ev.forget_split or infer_forget_split(cfg)
+            if not split:
+                raise UserError(f"sweep {where}, point '{label}': data.forget={cfg.data.forget} is not a TOFU forget split; "
+                                "set eval.forget_split to the split to evaluate on")
+            points.append(Point(pid, label, method, run_params, cfg, split, group, seed))
     sweep = Sweep(p, points, ev)
     _validate_inputs(sweep)
     return sweep
@@ -355,7 +383,8 @@ def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
         log.info("point %s (%s): finished, skipped", pt.id, pt.label)
         return prev
     pdir.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"id": pt.id, "label": pt.label, "method": pt.method, "params": pt.params,
+    record: dict[str, Any] = {"id": pt.id, "label": pt.label, "group": pt.group or pt.label, "seed": pt.seed,
+                              "method": pt.method, "params": pt.params,
                               "forget_split": pt.forget_split, "config": pt.cfg.to_dict(),
                               "eval_settings": sweep.eval_dict,
                               "run_dir": str(run_dir.relative_to(out)), "eval_dir": str(eval_dir.relative_to(out))}
@@ -417,19 +446,20 @@ def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
 
 def flat_points(records: list[dict]) -> list[dict]:
     """points.jsonl rows -> plain dicts for plots.save_pareto: method, label and every summary metric."""
-    return [{"method": r["method"], "label": r.get("label"), **r.get("summary", {})}
+    return [{"method": r["method"], "label": r.get("label"), "group": r.get("group") or r.get("label"),
+             "seed": r.get("seed"), **r.get("summary", {})}
             for r in records if r.get("status") == "done"]
 
 
 def finalize(sweep: Sweep, out: Path) -> list[dict]:
     """points.jsonl (the sweep's points in order, finished ones) and the Pareto plots."""
-    from pmc_unlearn.plots import save_pareto
+    from pmc_unlearn.plots import save_pareto, seed_means
 
     records = [r for pt in sweep.points if (r := _read_json(out / "points" / pt.id / POINT_FILE))]
     tmp = out / (POINTS_FILE + ".tmp")
     tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
     os.replace(tmp, out / POINTS_FILE)
-    save_pareto(flat_points(records), out / "pareto",
+    save_pareto(seed_means(flat_points(records)), out / "pareto",
                 suptitle=f"{sweep.source.name}: {sum(r.get('status') == 'done' for r in records)} of {len(sweep.points)} points")
     return records
 
