@@ -506,6 +506,27 @@ def test_append_cut_short_by_a_full_disk_leaves_the_file_as_it_was(tmp_path, mon
     assert path.read_text() == '{"a": 1}\n'
 
 
+def test_threads_variable_is_parsed_once_and_strictly():
+    from pmc_unlearn.cpu import threads_from_env
+    from pmc_unlearn.errors import UserError
+
+    assert threads_from_env({}) is None and threads_from_env({"PMC_UNLEARN_THREADS": ""}) is None
+    assert threads_from_env({"PMC_UNLEARN_THREADS": " 3 "}) == 3
+    for bad in ("abc", "0", "-1", "1.5", "2x"):
+        with pytest.raises(UserError, match="PMC_UNLEARN_THREADS"):
+            threads_from_env({"PMC_UNLEARN_THREADS": bad})
+
+
+def test_repeated_forget_questions_are_counted_and_explained(tmp_path, caplog):
+    f = tmp_path / "dup.jsonl"
+    rows = ["Who?", "Where?", "Who?", " Who? ", "Where?", "When?"]  # Who? 3 times, Where? twice: 3 extra copies
+    f.write_text("".join(json.dumps({"question": q}) + "\n" for q in rows))
+    caplog.set_level("WARNING")
+    assert main([*BASE, "--forget", str(f), "--dry-run"]) == 0
+    msg = next(r.getMessage() for r in caplog.records if "repeated questions" in r.getMessage())
+    assert msg.startswith("forget set has 3 repeated questions") and "weighs k times" in msg
+
+
 # ----- every bad input: exit 2, one line naming it, no traceback, no output folder -------------------
 
 def _files(d: Path) -> None:
@@ -600,6 +621,10 @@ BAD = [
     ("report-examples", ["report", "{d}", "--output", "{out}/r.html", "--examples", "-1"], "--examples -1"),
     ("report-not-html", ["report", "{d}", "--output", "{out}/r.txt"], "give a .html file name"),
     ("sweep-lr-nan", ["sweep", "--config", "{d}/sweep.yaml", "--output", "{out}"], "train.lr=nan"),
+    ("attack-temperature-nan", ["attack", "--model", "tiny-random", "--forget-split", "forget01", "--output", "{out}",
+                                "sampling.temperature=nan"], "sampling.temperature=nan: must be a finite number"),
+    ("attack-batch-zero", ["attack", "--model", "tiny-random", "--forget-split", "forget01", "--output", "{out}",
+                           "--batch-size", "0"], "--batch-size 0"),
 ]
 
 

@@ -17,8 +17,9 @@ Caching: every stage has a key, a hash of its own resolved settings and of the k
 stages it reads (a fine-tune's key covers its config and the bytes of its data; an evaluation's
 covers the model stage's key, the evaluation settings and the retain model's evaluation key). A
 stage whose `stage.json` holds the same key and status "done" is skipped; a different key
-clears the folder and redoes the stage, and so every stage downstream of it (their keys change
-too). An interrupted stage (same key, status "running") resumes: training from its last
+removes what the stage wrote (`STAGE_OUTPUTS`) and redoes it, and so every stage downstream of it
+(their keys change too); a stage folder holding anything else stops the demo before any stage
+runs. The demo writes only into a folder it created or found empty (`DEMO_MARKER`). An interrupted stage (same key, status "running") resumes: training from its last
 checkpoint (`trainer.train(..., resume=True)`), evaluation from its records.jsonl.
 
 Evaluation ("utility" on a subset). TOFU's utility splits assume a model fine-tuned on all 200

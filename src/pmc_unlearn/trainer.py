@@ -358,19 +358,27 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
                               "method_info": method.manifest_info()})
         manifest.save()
 
+    epoch, j = -1, -1  # (where the loop is; set by it)
+
     def diverged(what: str) -> TrainingDiverged:
         """Record the divergence and name the newest checkpoint (written only with finite weights)."""
         bar.close()
         if manifest:
-            manifest.finish("diverged", error=f"{what} at step {step}")
+            manifest.finish("diverged", error=what)
         kept = rundir.checkpoint_dirs(out)
+        where = f" (epoch {epoch}, micro-batch {j})" if epoch >= 0 else ""
         return TrainingDiverged(
-            f"{what} (epoch {epoch}, micro-batch {j}); "
+            f"{what}{where}; "
             f"{'last good checkpoint (finite weights): ' + str(kept[-1]) if kept else 'no checkpoint was written yet'}; "
             "lower train.lr or check the data"
         )
 
+    def weights_ok() -> None:
+        if not rundir.all_finite([p for p in model.parameters() if p.requires_grad]):
+            raise diverged(f"weights are non-finite after optimizer step {step}")
+
     def checkpoint() -> None:
+        weights_ok()
         if main:
             rundir.save_checkpoint(
                 out, step,
@@ -428,8 +436,10 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
             micro_done = m + 1
             if not last:
                 continue
-            # Gradients are checked before the step (a non-finite one would poison every weight) and
-            # the weights after it, so a checkpoint is only ever written with finite weights.
+            # Gradients are checked before the step (a non-finite one would poison every weight); the
+            # weights before every checkpoint and after the last step (checkpoint(), below), so a
+            # checkpoint or a model is only ever written with finite weights. Weights that break
+            # between checkpoints show at the next step's loss or gradients.
             # (clip at +inf: the norm without clipping; every gradient is multiplied by exactly 1.)
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
             if grad_norm is not None:
@@ -441,8 +451,6 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            if not rundir.all_finite([p.detach() for p in model.parameters() if p.requires_grad]):
-                raise diverged(f"weights are non-finite after optimizer step {step}")
             dt = time.perf_counter() - t_step
             row = _merge_stats(ctx.gather([_merge_stats(group)]))
             samples = row.pop("sample/samples_sum", 0.0)
@@ -469,10 +477,9 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
             with timer("checkpoint"):
                 checkpoint()
 
+    weights_ok()  # the last step's weights (checked above when it wrote a checkpoint; cheap either way)
     with timer("save"):
         if main:
-            if not rundir.all_finite([p.detach() for p in acc.unwrap_model(model).parameters()]):
-                raise TrainingDiverged(f"the final weights are non-finite; {out / 'model'} was not written")
             save_model(acc.unwrap_model(model), tok, out / "model", prompt_format=fmt)
     fps = ctx.gather([fingerprint(acc.unwrap_model(model))])
     if manifest:
