@@ -127,29 +127,43 @@ def test_checkpoint_holds_tensors_and_json_only(ref):
     rundir.verify_checkpoint(ck)
 
 
-@pytest.mark.parametrize("damage, named", [
-    (lambda ck: truncate(ck / "model.safetensors"), "model.safetensors has"),
-    (lambda ck: truncate(ck / "optimizer.safetensors"), "optimizer.safetensors has"),
-    (lambda ck: truncate(ck / "rng.safetensors"), "rng.safetensors has"),
-    (lambda ck: truncate(ck / "method.json"), "method.json has"),
-    (lambda ck: (ck / "state.json").write_text(""), "state.json has 0 bytes"),
-    (lambda ck: flip_bit(ck / "model.safetensors"), "model.safetensors does not match its sha256"),
-    (lambda ck: (ck / "checksums.json").unlink(), "incomplete"),
-    (nan_weights, "non-finite weights"),
-], ids=["model-truncated", "optimizer-truncated", "rng-truncated", "method-truncated", "state-empty",
-        "model-bit-flip", "no-checksums", "nan-weights"])
-def test_damaged_checkpoint_falls_back_to_the_previous_one(ref, tmp_path, caplog, damage, named):
+DAMAGE = {
+    "model-truncated": (lambda ck: truncate(ck / "model.safetensors"), "model.safetensors has"),
+    "optimizer-truncated": (lambda ck: truncate(ck / "optimizer.safetensors"), "optimizer.safetensors has"),
+    "rng-truncated": (lambda ck: truncate(ck / "rng.safetensors"), "rng.safetensors has"),
+    "method-truncated": (lambda ck: truncate(ck / "method.json"), "method.json has"),
+    "state-empty": (lambda ck: (ck / "state.json").write_text(""), "state.json has 0 bytes"),
+    "model-bit-flip": (lambda ck: flip_bit(ck / "model.safetensors"), "model.safetensors does not match its sha256"),
+    "no-checksums": (lambda ck: (ck / "checksums.json").unlink(), "incomplete"),
+    "nan-weights": (nan_weights, "non-finite weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_checkpoint_is_named_and_set_aside(ref, tmp_path, caplog, case):
+    """The newest checkpoint damaged in each way: resume picks the previous one and says why in one line."""
+    damage, named = DAMAGE[case]
     run = crashed_copy(ref, tmp_path / "run")
     damage(run / "checkpoints" / "step-000004")
     caplog.set_level("INFO")
-    assert main(["unlearn", "--resume", str(run)]) == 0
+    path, tensors, state = rundir.load_resume_checkpoint(run)
+    assert path.name == "step-000003" and state["step"] == 3
     warned = [r.getMessage() for r in caplog.records if "newest intact checkpoint" in r.getMessage()]
     assert len(warned) == 1 and "resuming from step-000003" in warned[0] and named in warned[0], warned
     assert (run / "checkpoints" / "damaged-step-000004").is_dir()  # set aside, not deleted
+    assert [p.name for p in rundir.step_dirs(run)] == ["step-000003"]
+
+
+@pytest.mark.parametrize("case", ["rng-truncated", "model-bit-flip"])
+def test_resume_past_a_damaged_checkpoint_ends_like_the_uninterrupted_run(ref, tmp_path, caplog, case):
+    run = crashed_copy(ref, tmp_path / "run")
+    DAMAGE[case][0](run / "checkpoints" / "step-000004")
+    caplog.set_level("INFO")
+    assert main(["unlearn", "--resume", str(run)]) == 0
+    assert any("resuming from step-000003" in r.getMessage() for r in caplog.records)
     assert same_weights(ref, run), "resumed from step 3, the run must end where the uninterrupted one did"
     assert status(run) == "completed"
-    steps = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_no_intact_checkpoint_is_a_clear_error_and_nothing_runs(ref, tmp_path, capsys):
@@ -395,7 +409,7 @@ def test_lock_refuses_a_second_writer_and_takes_over_a_stale_one(tmp_path, capsy
 
 def test_two_runs_into_one_folder_one_refuses(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pmc_unlearn", *ARGS, "--output", str(out)]
+    cmd = [sys.executable, "-m", "pmc_unlearn", *ARGS, "train.max_steps=2", "--output", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
@@ -406,7 +420,7 @@ def test_two_runs_into_one_folder_one_refuses(tmp_path):
                                       "folder is not empty", "holds an unfinished run")), refused
     assert "Traceback" not in refused
     steps = [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4] and status(out) == "completed"
+    assert steps == [1, 2] and status(out) == "completed"
 
 
 def _append_many(path: str, tag: int, n: int) -> None:

@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     except OutputWriteError as e:
         print(f"pmc-unlearn {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a write the machine refused anywhere else (a full disk): one line too
+        from pmc_unlearn.rundir import WRITE_ERRNOS, write_failed
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"pmc-unlearn {args.command}: error: {write_failed(e, '.')}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"pmc-unlearn {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130

@@ -640,8 +640,10 @@ class Demo:
         from pmc_unlearn.rundir import OutputLock
 
         check_output(self.root)
+        if not self.stages:
+            self._check_configs()  # bad settings: an error before the folder exists
         claim(self.root)
-        with OutputLock(self.root):
+        with OutputLock(self.root):  # (build() writes data/: under the lock too)
             return self._run()
 
     def _run(self) -> dict[str, Any]:
@@ -805,8 +807,7 @@ def run_demo(profile: str = "default", output: str | Path = "demo_out", override
              progress: bool = True, stream=None) -> dict[str, Any]:
     prof = load_profile(profile, overrides)
     demo = Demo(prof, Path(output), progress=progress, stream=stream)
-    demo.build()
-    return demo.run()
+    return demo.run()  # (builds the stages once it holds the folder's lock)
 
 
 def plan(profile: str = "default", overrides: list[str] | None = None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ See docs/robustness.md.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -102,6 +103,10 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(tensors, str(path))
 
 
+# errno values of a write the machine refused (as opposed to a bug): reported in one line, exit code 1
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+
+
 def write_failed(e: OSError, where: Path | str, keeps: str = "") -> OutputWriteError:
     """An OSError while writing (a full disk, a quota, a read-only folder) as a one-line error."""
     why = e.strerror or str(e)
@@ -168,14 +173,18 @@ class Manifest:
     def phase(self, name: str):
         """Time a phase; times add up over resumes."""
         t = time.perf_counter()
+        failed = False
         try:
             yield
+        except BaseException:
+            failed = True
+            raise
         finally:
             self.data["phases_s"][name] = round(self.data["phases_s"].get(name, 0.0) + time.perf_counter() - t, 3)
             try:
                 self.save()
             except OSError:
-                if sys.exc_info()[0] is None:  # no error in flight: this one is the news
+                if not failed:  # (with an error in flight, that error is the news)
                     raise
 
     def finish(self, status: str = "completed", **extra) -> None:
@@ -624,12 +633,12 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return tensors, state
 
 
-def load_resume_checkpoint(out: Path) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
+def load_resume_checkpoint(out: Path, set_aside: bool = True) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
     """The newest usable checkpoint of `out` (verified, finite), or None when there is none at all.
 
     Damaged or incomplete newer checkpoints are named in one log line and set aside as
-    checkpoints/damaged-step-N (nothing is deleted). When checkpoints exist and none is usable,
-    a UserError says why.
+    checkpoints/damaged-step-N (nothing is deleted; only with `set_aside`: the main process
+    does it). When checkpoints exist and none is usable, a UserError says why.
     """
     cands = step_dirs(out)
     if not cands:
@@ -644,7 +653,7 @@ def load_resume_checkpoint(out: Path) -> tuple[Path, dict[str, Any], dict[str, A
         if problems:
             log.warning("resuming from %s, the newest intact checkpoint: %s", path.name,
                         "; ".join(f"{p.name}/{msg} (set aside as damaged-{p.name})" for p, msg in problems))
-            for p, _ in problems:
+            for p, _ in (problems if set_aside else []):
                 dest = p.with_name(f"damaged-{p.name}")
                 k = 1
                 while dest.exists():

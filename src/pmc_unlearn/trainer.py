@@ -264,6 +264,10 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
             manifest.fail("diverged", str(e))
         raise
     except OSError as e:
+        if e.errno not in rundir.WRITE_ERRNOS:
+            if manifest and manifest.running:
+                manifest.fail("failed", f"{type(e).__name__}: {e}")
+            raise
         err = rundir.write_failed(e, out, "the checkpoints written before are intact")
         if manifest and manifest.running:
             manifest.fail("failed", str(err))
@@ -323,7 +327,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
 
     step, micro_done = 0, 0
     if resume:
-        found = rundir.load_resume_checkpoint(out)  # verified, finite; damaged newer ones set aside
+        found = rundir.load_resume_checkpoint(out, set_aside=main)  # verified, finite; damaged newer ones set aside
         if found:
             ck_path, tensors, state = found
             missing = set(trainable_state(acc.unwrap_model(model))) - set(tensors["model"])
