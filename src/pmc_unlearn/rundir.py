@@ -104,7 +104,8 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 # errno values of a write the machine refused (as opposed to a bug): reported in one line, exit code 1
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+WRITE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                errno.EFBIG}
 
 
 def write_failed(e: OSError, where: Path | str, keeps: str = "") -> OutputWriteError:
