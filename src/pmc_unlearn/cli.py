@@ -2,7 +2,8 @@
 
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
 they are imported lazily so `pmc-unlearn --help` stays fast. Bad input (`UserError`) becomes a
-one-line message on stderr and exit code 2.
+one-line message on stderr and exit code 2; a diverged run or a failed write (full disk) a
+one-line message and exit code 1.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import logging
 import os
 import sys
 
-from pmc_unlearn.cpu import configure_env  # noqa: E402  (imports no torch)
+from pmc_unlearn.cpu import check_env, configure_env  # noqa: E402  (imports no torch)
 
 # Before torch is imported: a short OpenMP spin (pmc_unlearn.cpu explains the trade-off; the
 # thread count then follows the machine's load), unless the user chose a wait policy.
 configure_env()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pmc_unlearn.errors import TrainingDiverged, UserError  # noqa: E402
+from pmc_unlearn.errors import OutputWriteError, TrainingDiverged, UserError  # noqa: E402
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -69,12 +70,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pmc-unlearn: command '{args.command}' is not available in this build", file=sys.stderr)
         return 2
     try:
+        check_env()  # PMC_UNLEARN_THREADS and the like, before any output exists
         return int(importlib.import_module(args._module).run(args) or 0)
     except UserError as e:
         print(f"pmc-unlearn {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"pmc-unlearn {args.command}: training diverged: {e}", file=sys.stderr)
+        return 1
+    except OutputWriteError as e:
+        print(f"pmc-unlearn {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a write the machine refused anywhere else (a full disk): one line too
+        from pmc_unlearn.rundir import WRITE_ERRNOS, write_failed
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"pmc-unlearn {args.command}: error: {write_failed(e, '.')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"pmc-unlearn {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)

@@ -11,6 +11,7 @@ themselves in `METHOD_CONFIGS`; only the active method's section is kept in the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -58,14 +59,14 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = opt(40.0, "passes over the forget set (authors: 40 for Phi-1.5)", min=0.0)
-    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)", min=-1)
+    epochs: float = opt(40.0, "passes over the forget set (authors: 40 for Phi-1.5)", gt=0.0)
+    max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)", min=-1, not_zero=True)
     batch_size: int = opt(16, "forget questions per micro-batch, per process (authors: 16)", min=1)
     grad_accum: int = opt(4, "micro-batches per optimizer step (authors: 4). Steps never straddle an epoch, so a forget "
                           "set smaller than batch_size x grad_accum (forget01: 40) gets one step per epoch: lower it there", min=1)
     lr: float = opt(5e-5, "peak learning rate (AdamW, linear warm-up then linear decay to 0). The authors use 1e-5 for "
                     "Phi-1.5 (1.3B); the default model here is 10x smaller and needs a larger step (fine-tuning it on TOFU "
-                    "took lr 1e-4 to memorise in 5 epochs), so 5e-5", min=0.0)
+                    "took lr 1e-4 to memorise in 5 epochs), so 5e-5", gt=0.0)
     weight_decay: float = opt(0.01, "AdamW weight decay", min=0.0)
     warmup_epochs: float = opt(1.0, "linear warm-up length in epochs (authors: 1)", min=0.0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", min=0.0)
@@ -142,6 +143,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any, hints: dict[str, Any
             if isinstance(value, bool):
                 raise TypeError
             value = float(value)
+            if not math.isfinite(value):
+                raise UserError(f"{key}={value!r}: must be a finite number")
         elif tp is str:
             value = str(value)
         elif tp in (list, dict) or typing.get_origin(tp) in (list, dict):
@@ -159,6 +162,8 @@ def _coerce(section: str, f: dataclasses.Field, value: Any, hints: dict[str, Any
         raise UserError(f"{key}={value!r}: must be <= {meta['max']}")
     if "gt" in meta and not value > meta["gt"]:
         raise UserError(f"{key}={value!r}: must be > {meta['gt']}")
+    if meta.get("not_zero") and value == 0:
+        raise UserError(f"{key}=0: a run needs at least one step; give a positive number, or -1 for no limit")
     return value
 
 

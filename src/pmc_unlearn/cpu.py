@@ -41,6 +41,28 @@ def configure_env(environ=os.environ) -> None:
     environ["GOMP_SPINCOUNT"] = SPINCOUNT
 
 
+def threads_from_env(environ=os.environ) -> int | None:
+    """`PMC_UNLEARN_THREADS` as a thread count (None when unset or empty); UserError when it is not one."""
+    raw = environ.get("PMC_UNLEARN_THREADS", "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1 or n > 4096:
+        from pmc_unlearn.errors import UserError
+
+        raise UserError(f"PMC_UNLEARN_THREADS={environ.get('PMC_UNLEARN_THREADS')!r}: give a whole number of "
+                        "threads (1 or more), or unset it to follow the machine's load")
+    return n
+
+
+def check_env(environ=os.environ) -> None:
+    """Validate the environment variables this package reads (called by the CLI before any work)."""
+    threads_from_env(environ)
+
+
 def others_cores(busy_s: float, own_s: float, wall_s: float) -> float:
     """Cores' worth of CPU used by other processes: (all cores' busy time - ours) / wall time, >= 0."""
     if wall_s <= 0:
@@ -83,9 +105,9 @@ class _Adapter:
     def _init(self) -> None:
         import torch
 
-        ours = os.environ.get("PMC_UNLEARN_THREADS")
+        ours = threads_from_env()
         if ours:
-            torch.set_num_threads(max(1, int(ours)))
+            torch.set_num_threads(ours)
         fixed = ours or os.environ.get("OMP_NUM_THREADS")
         try:
             self.cores = len(os.sched_getaffinity(0))

@@ -10,6 +10,11 @@ A *source* is one string:
 
 Rows come back as plain dicts with the columns renamed to `question` and `answer`. A forget set
 may hold questions only (PMC never needs the answers); `require_answers=True` asks for them.
+
+Every file is checked before any work starts: UTF-8 text, one object per row, the question (and
+answer) columns holding non-empty strings, a file under `MAX_FILE_BYTES` and texts under
+`MAX_TEXT_CHARS`; anything else is a `UserError` naming the file and the row. (That a question
+fits the model's context is checked with the tokenizer: `trainer.check_lengths`.)
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ TOFU_HUB_NAME = "locuslab/TOFU"
 # forgetXX.json names its columns prompt/response; every other TOFU file uses question/answer.
 _TOFU_ALIASES = {"prompt": "question", "response": "answer"}
 AUTHOR_SIZE = 20  # TOFU: 20 consecutive rows per fictitious author
+MAX_FILE_BYTES = 4 * 2**30  # a QA file larger than this is almost surely not one
+MAX_TEXT_CHARS = 50_000  # a question or answer longer than this is no QA pair (and would not fit a context)
 
 
 def tofu_dir() -> Path:
@@ -46,6 +53,21 @@ def tofu_dir() -> Path:
 def read_records(path: Path) -> list[Row]:
     """Read a local data file into a list of dicts; the format follows the suffix."""
     suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".csv", ".parquet"):
+        raise UserError(f"{path}: unknown data format '{suffix}'; use .json, .jsonl, .csv or .parquet")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise UserError(f"{path}: {size / 2**30:.1f} GiB, over the {MAX_FILE_BYTES // 2**30} GiB limit for a data file; "
+                        "split it or pass fewer rows")
+    try:
+        rows = _read_by_suffix(path, suffix)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                        "save it as UTF-8") from None
+    return _check_rows(rows, str(path))
+
+
+def _read_by_suffix(path: Path, suffix: str) -> list:
     if suffix == ".json":
         return _read_json(path)
     if suffix == ".jsonl":
@@ -60,12 +82,18 @@ def read_records(path: Path) -> list[Row]:
         return rows
     if suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".parquet":
+            try:
+                return list(csv.DictReader(f))
+            except csv.Error as e:
+                raise UserError(f"{path}: not a readable CSV file ({e}); fix the file") from None
+    try:
         import pyarrow.parquet as pq
-
+    except ImportError:
+        raise UserError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+    try:
         return pq.read_table(path).to_pylist()
-    raise UserError(f"{path}: unknown data format '{suffix}'; use .json, .jsonl, .csv or .parquet")
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
+        raise UserError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _read_json(path: Path) -> list[Row]:
@@ -90,8 +118,17 @@ def _read_json(path: Path) -> list[Row]:
                 return obj[key]
         raise UserError(f"{path}: a JSON object must hold the rows as a list under 'data'")
     if not isinstance(obj, list):
-        raise UserError(f"{path}: expected a JSON array of rows")
+        raise UserError(f"{path}: expected a JSON array of rows, found a {type(obj).__name__}")
     return obj
+
+
+def _check_rows(rows: list, where: str) -> list[Row]:
+    """Every row an object with string keys (what a JSON array of numbers, or mixed rows, is not)."""
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise UserError(f"{where}: row {i} is {type(r).__name__} {str(r)[:40]!r}, not an object with the "
+                            "question (and answer) columns; every row must be one")
+    return rows
 
 
 def _tofu_rows(split: str) -> list[Row]:
@@ -119,7 +156,7 @@ def _hub_rows(name: str) -> list[Row]:
         ds = datasets.load_dataset(repo, config or None, split="train")
     except Exception as e:  # network, missing dataset: the message says which
         raise UserError(f"{name}: could not load from the hub ({e}); pass a local file instead") from e
-    return [dict(r) for r in ds]
+    return _check_rows([dict(r) for r in ds], name)
 
 
 def load_rows(source: str) -> list[Row]:
@@ -163,15 +200,21 @@ def load_qa(
         )
     out = []
     for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise UserError(f"{role} source {source}: row {i} is not an object with the question (and answer) columns")
         q = r.get(qk)
         if not isinstance(q, str) or not q.strip():
-            raise UserError(f"{role} source {source}: row {i} has an empty or missing question")
+            raise UserError(f"{role} source {source}: row {i} has an empty or missing question (column '{qk}')")
+        for what, text in (("question", q), ("answer", r.get(ak))):
+            if isinstance(text, str) and len(text) > MAX_TEXT_CHARS:
+                raise UserError(f"{role} source {source}: row {i}'s {what} has {len(text):,} characters, over the "
+                                f"{MAX_TEXT_CHARS:,} limit (a QA pair must fit the model's context); shorten it")
         new = {k: v for k, v in r.items() if k not in (qk, ak)}
         new["question"] = q
         if has_answers:
             a = r.get(ak)
             if require_answers and (not isinstance(a, str) or not a.strip()):
-                raise UserError(f"{role} source {source}: row {i} has an empty or missing answer")
+                raise UserError(f"{role} source {source}: row {i} has an empty or missing answer (column '{ak}')")
             new["answer"] = a
         out.append(new)
     return out
@@ -202,7 +245,12 @@ def read_jsonl_dicts(path: Path, warn: bool = False) -> list[Row]:
 
 
 def overlap_report(forget: list[Row], retain: list[Row]) -> tuple[int, int]:
-    """(duplicate questions within forget, forget questions also present in retain)."""
+    """(duplicate questions within forget, forget questions also present in retain).
+
+    Duplicates are counted as extra copies: a question given k times adds k - 1 (questions are
+    compared after stripping surrounding whitespace). Training keeps every copy as a question of
+    its own, so a question given k times weighs k times as much.
+    """
     fq = [r["question"].strip() for r in forget]
     rq = {r["question"].strip() for r in retain}
     dup = len(fq) - len(set(fq))

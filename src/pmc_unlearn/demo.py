@@ -17,8 +17,9 @@ Caching: every stage has a key, a hash of its own resolved settings and of the k
 stages it reads (a fine-tune's key covers its config and the bytes of its data; an evaluation's
 covers the model stage's key, the evaluation settings and the retain model's evaluation key). A
 stage whose `stage.json` holds the same key and status "done" is skipped; a different key
-clears the folder and redoes the stage, and so every stage downstream of it (their keys change
-too). An interrupted stage (same key, status "running") resumes: training from its last
+removes what the stage wrote (`STAGE_OUTPUTS`) and redoes it, and so every stage downstream of it
+(their keys change too); a stage folder holding anything else stops the demo before any stage
+runs. The demo writes only into a folder it created or found empty (`DEMO_MARKER`). An interrupted stage (same key, status "running") resumes: training from its last
 checkpoint (`trainer.train(..., resume=True)`), evaluation from its records.jsonl.
 
 Evaluation ("utility" on a subset). TOFU's utility splits assume a model fine-tuned on all 200
@@ -64,6 +65,15 @@ EVAL_DTYPES = ("auto", "float32", "bfloat16")
 BASELINES = ("npo", "gd")
 STAGE_FILE = "stage.json"
 DEMO_FILE = "demo.json"
+DEMO_MARKER = ".pmc-unlearn-demo"  # written into a folder the demo created or found empty: the demo owns it
+# What each kind of stage writes in its folder (top-level names; subfolders listed here are the
+# stage's own). A stage is redone only by removing these: any other file there is the user's.
+STAGE_OUTPUTS = {
+    "finetune": {"config.yaml", "manifest.json", "log.jsonl", "samples.jsonl", "checkpoints", "model"},
+    "unlearn": {"config.yaml", "manifest.json", "log.jsonl", "samples.jsonl", "checkpoints", "model"},
+    "eval": {"records.jsonl", "summary.json", "TOFU_EVAL.json", "TOFU_SUMMARY.json"},
+    "attacks": {"attacks.json", "attacks_records.jsonl", "relearning"},
+}
 AUTHOR_SIZE = 20
 
 
@@ -328,11 +338,51 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
 # ----------------------------------------------------------------------------- stages
 
 def check_output(root: Path) -> None:
-    """Refuse a folder that holds something other than a demo: stages clear their own subfolders."""
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--output {root}: is a file; pass a folder (created when missing)")
-    if root.is_dir() and any(root.iterdir()) and not (root / DEMO_FILE).exists() and not (root / "data").is_dir():
-        raise UserError(f"--output {root}: folder is not empty and holds no demo ({DEMO_FILE}); choose a new folder")
+    """Refuse a folder the demo does not own: a file, an unwritable place, or a non-empty folder without its marker."""
+    from pmc_unlearn import rundir
+
+    rundir.check_writable(root)
+    if rundir.folder_entries(root) and not owns(root):
+        raise UserError(f"--output {root}: folder is not empty and holds no demo ({DEMO_MARKER}); choose a new folder "
+                        "(the demo writes only into folders it created)")
+
+
+def owns(root: Path) -> bool:
+    """The demo created this folder (its marker), or an earlier version did (demo.json)."""
+    return (root / DEMO_MARKER).is_file() or (root / DEMO_FILE).is_file()
+
+
+def claim(root: Path) -> None:
+    """Create the demo folder and mark it as the demo's (check_output first)."""
+    from pmc_unlearn import rundir
+
+    rundir.make_folder(root)
+    if not (root / DEMO_MARKER).exists():
+        (root / DEMO_MARKER).write_text("pmc-unlearn demo folder: stages here are rewritten by `pmc-unlearn demo`\n")
+
+
+def foreign_files(d: Path, kind: str) -> list[str]:
+    """Entries of a stage folder that the stage did not write (its outputs, stage.json, temporary files, the lock)."""
+    from pmc_unlearn.rundir import folder_entries
+
+    mine = STAGE_OUTPUTS.get(kind, set()) | {STAGE_FILE}
+    return [n for n in folder_entries(d) if n not in mine and not n.endswith(".tmp") and not n.startswith(".tmp-")]
+
+
+def clear_stage(d: Path, kind: str) -> None:
+    """Remove what a stage wrote in `d` (to redo it); refuse when `d` holds anything else."""
+    other = foreign_files(d, kind)
+    if other:
+        raise UserError(f"demo: {d / other[0]} was not written by the demo, and the stage in {d} must be redone; "
+                        "move it out of the demo folder and run again")
+    if not d.is_dir():
+        return
+    for p in d.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
 
 def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -456,10 +506,22 @@ class Demo:
                     d[sec][k] = os.path.relpath(v, root)
         return d
 
+    def _check_configs(self) -> None:
+        """Resolve the fine-tuning and PMC configs (placeholder data paths): bad settings fail before any output."""
+        from pmc_unlearn.methods import METHODS
+
+        data = str(self.root / "data" / "x.jsonl")
+        self._cfg("sft", _deep_merge(self._prompt_sections(), self.p["finetune"]), self.p["model"], data, None)
+        for m, sections in self.p["unlearn"].items():
+            if m == "pmc" and m in METHODS:  # (a baseline's bad settings only skip it, with a note)
+                self._cfg(m, _deep_merge(self._prompt_sections(), dict(sections or {})), data, data, data)
+
     def build(self) -> list[Stage]:
         from pmc_unlearn.methods import METHODS
 
         check_output(self.root)
+        self._check_configs()  # every stage's config, before anything is written
+        claim(self.root)
         p, root = self.p, self.root.resolve()
         data = prepare_data(p, root)
         self.data = data
@@ -633,11 +695,27 @@ class Demo:
         print(msg, file=self.stream, flush=True)
 
     def run(self) -> dict[str, Any]:
-        t_start = time.time()
+        from pmc_unlearn.rundir import OutputLock
+
         check_output(self.root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.stages:
+            self._check_configs()  # bad settings: an error before the folder exists
+        claim(self.root)
+        with OutputLock(self.root):  # (build() writes data/: under the lock too)
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
+        t_start = time.time()
         if not self.stages:
             self.build()
+        for st in self.stages:  # stages to redo must not hold the user's files: refuse before any work
+            meta = read_stage(st.dir)
+            if not st.skip_reason and not (meta.get("key") == st.key and meta.get("status") in
+                                           ("done", "running", "failed", "interrupted")):
+                other = foreign_files(st.dir, st.kind)
+                if other:
+                    raise UserError(f"demo: {st.dir / other[0]} was not written by the demo, and stage {st.name} must "
+                                    "be redone there; move it out of the demo folder and run again")
         stages = self.stages
         status: dict[str, str] = {}
         ratio_num = ratio_den = 0.0  # measured vs estimated time of stages that ran here
@@ -694,8 +772,8 @@ class Demo:
                 save()
                 continue
             resume = meta.get("key") == st.key and meta.get("status") in ("running", "failed", "interrupted")
-            if not resume and st.dir.exists():
-                shutil.rmtree(st.dir)
+            if not resume:
+                clear_stage(st.dir, st.kind)
             st.dir.mkdir(parents=True, exist_ok=True)
             prev = float(meta.get("time_s", 0.0)) if resume else 0.0
             self._line(f"{head}: {'resuming' if resume else 'running'} (est. {_fmt_s(st.est_s * scale)}; "
@@ -749,7 +827,7 @@ class Demo:
         t = time.time()
         from pmc_unlearn.report import build_report
 
-        out = build_report([self.root], self.root / "report.html")
+        out = build_report([self.root], self.root / "report.html", force=True)  # (the demo folder is ours)
         demo["report_s"] = round(time.time() - t, 3)
         save()
         self._line(f"[demo] done in {_fmt_s(demo['wall_time_s'])}: {out['html']} and {out['md']}")
@@ -795,8 +873,7 @@ def run_demo(profile: str = "default", output: str | Path = "demo_out", override
              progress: bool = True, stream=None) -> dict[str, Any]:
     prof = load_profile(profile, overrides)
     demo = Demo(prof, Path(output), progress=progress, stream=stream)
-    demo.build()
-    return demo.run()
+    return demo.run()  # (builds the stages once it holds the folder's lock)
 
 
 def plan(profile: str = "default", overrides: list[str] | None = None) -> dict[str, Any]:

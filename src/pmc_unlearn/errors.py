@@ -1,7 +1,8 @@
-"""One error type for bad user input.
+"""Error types the CLI turns into one-line messages (no traceback).
 
-The CLI turns a `UserError` into a one-line message and exit code 2, before any output
-directory is written. Messages name the offending input and say what to do about it.
+`UserError`: bad user input, exit code 2, raised before any output directory is written.
+Messages name the offending input and say what to do about it. `TrainingDiverged` and
+`OutputWriteError`: a run that could not go on, exit code 1.
 """
 
 
@@ -10,4 +11,8 @@ class UserError(Exception):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, the gradients or the weights became NaN or infinite; the last good checkpoint is kept."""
+
+
+class OutputWriteError(RuntimeError):
+    """A write to the output failed (a full disk, a quota); what was written before is intact. Exit code 1."""

@@ -60,6 +60,7 @@ RUN_SECTIONS = ("model", "data", "train")
 POINTS_FILE = "points.jsonl"
 POINT_FILE = "point.json"
 SWEEP_COPY = "sweep.yaml"
+SWEEP_MARKER = ".pmc-unlearn-sweep"  # written into a folder the sweep created or found empty: the sweep owns it
 
 
 @dataclass
@@ -310,19 +311,20 @@ def _validate_inputs(sweep: Sweep) -> None:
     from pmc_unlearn.evaluation.collect import tofu_suite
     from pmc_unlearn.methods import METHODS
     from pmc_unlearn.models import check_causal_lm
-    from pmc_unlearn.trainer import load_data
+    from pmc_unlearn.trainer import check_lengths, load_data
 
     seen_data, seen_models, seen_splits = set(), set(), {}
     for pt in sweep.points:
         method = METHODS[pt.method](pt.cfg.method_cfg)
-        dkey = (json.dumps(dataclasses.asdict(pt.cfg.data), sort_keys=True), method.uses_primary_answers, method.uses_retain)
+        dkey = (json.dumps(dataclasses.asdict(pt.cfg.data), sort_keys=True), method.uses_primary_answers,
+                method.uses_retain, pt.cfg.model.name)
         try:
-            if dkey not in seen_data:
-                load_data(pt.cfg, method)
-                seen_data.add(dkey)
             if pt.cfg.model.name not in seen_models:
                 check_causal_lm(pt.cfg.model.name)
                 seen_models.add(pt.cfg.model.name)
+            if dkey not in seen_data:
+                check_lengths(pt.cfg, *load_data(pt.cfg, method))
+                seen_data.add(dkey)
         except UserError as e:
             raise UserError(f"sweep point '{pt.label}': {e}") from None
         if pt.forget_split not in seen_splits:
@@ -520,22 +522,39 @@ def run_workers(sweep: Sweep, out: Path, devices: list[str]) -> None:
 
 
 def check_output(out: Path) -> None:
-    """A sweep folder is new, empty, or an earlier sweep's (which is then resumed)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out}: is a file; pass a folder")
-    if out.exists() and any(out.iterdir()) and not (out / SWEEP_COPY).exists():
-        raise UserError(f"--output {out}: folder is not empty and holds no {SWEEP_COPY}; choose a new folder")
+    """A sweep folder is new, empty, or an earlier sweep's (which is then resumed); never someone else's."""
+    from pmc_unlearn import rundir
+
+    rundir.check_writable(out)
+    if rundir.folder_entries(out) and not owns(out):
+        raise UserError(f"--output {out}: folder is not empty and holds no {SWEEP_COPY} of an earlier sweep; choose a "
+                        "new folder (a sweep writes only into folders it created)")
+
+
+def owns(out: Path) -> bool:
+    """The sweep created this folder (its marker), or an earlier version did (sweep.yaml and points/)."""
+    return (out / SWEEP_MARKER).is_file() or ((out / SWEEP_COPY).is_file() and (out / "points").is_dir())
 
 
 def run_sweep(sweep: Sweep, out: Path, devices: list[str] | None = None, worker: tuple[int, int] | None = None) -> list[dict]:
     """Run every unfinished point (this worker's share when `worker` = (k, n)); then, unless a
     worker, write points.jsonl and the plots. Returns the records of the sweep's finished points."""
-    out.mkdir(parents=True, exist_ok=True)
-    if worker is not None:
+    if worker is not None:  # (the parent holds the folder's lock; each point's run takes its own)
         k, n = worker
         for pt in sweep.points[k::n]:
             run_point(sweep, pt, out)
         return []
+    from pmc_unlearn import rundir
+
+    check_output(out)
+    rundir.make_folder(out)
+    with rundir.OutputLock(out):
+        if not (out / SWEEP_MARKER).exists():
+            (out / SWEEP_MARKER).write_text("pmc-unlearn sweep folder: rerunning the sweep here resumes it\n")
+        return _run_sweep(sweep, out, devices)
+
+
+def _run_sweep(sweep: Sweep, out: Path, devices: list[str] | None) -> list[dict]:
     shutil.copyfile(sweep.source, out / SWEEP_COPY)
     if devices:
         run_workers(sweep, out, devices)

@@ -155,10 +155,64 @@ def load_data(cfg: RunConfig, method: Method) -> tuple[list[dict], list[dict]]:
         retain = load_qa(d.retain, d.question_key, d.answer_key, require_answers=True, role="retain")
         dup, overlap = overlap_report(primary, retain)
         if dup:
-            log.warning("forget set has %d duplicate questions", dup)
+            log.warning("forget set has %d repeated questions (copies beyond a question's first): every copy is a "
+                        "question of its own (sampled, scored and trained on separately), so a question given k times "
+                        "weighs k times; remove the copies to weigh every question once", dup)
         if overlap:
             log.warning("%d forget questions also appear in the retain set: the retain loss will pull them back", overlap)
     return primary, retain
+
+
+def model_context(name: str) -> int | None:
+    """The model's context length in tokens (max_position_embeddings), None when its config does not say."""
+    from transformers import AutoConfig
+
+    from pmc_unlearn.models import SMOLLM2_ALIAS, TINY_ALIAS, resolve_path, smollm2_folder, tiny_random_config
+
+    if name == TINY_ALIAS:
+        config = tiny_random_config()
+    else:
+        try:
+            config = AutoConfig.from_pretrained(str(smollm2_folder()) if name == SMOLLM2_ALIAS else resolve_path(name))
+        except UserError:
+            raise
+        except Exception:  # (check_causal_lm reports an unreadable config)
+            return None
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_lengths(cfg: RunConfig, primary: list[dict], retain: list[dict]) -> None:
+    """data.max_length fits the model's context, and every question leaves room for an answer in it.
+
+    Called before any output exists: a question of thousands of tokens would otherwise run for
+    minutes before failing (or be cut silently).
+    """
+    from pmc_unlearn.formatting import prompt_ids
+    from pmc_unlearn.models import load_tokenizer
+
+    limit = cfg.data.max_length
+    context = model_context(cfg.model.name)
+    if context and limit > context:
+        raise UserError(f"data.max_length={limit}: over the context of model {cfg.model.name} ({context} tokens); "
+                        f"give at most {context}")
+    tok = load_tokenizer(cfg.model.name)
+    fmt = PromptFormat(cfg.data.use_chat_template, cfg.data.system_prompt, limit)
+    overhead = len(prompt_ids(tok, "x", fmt)) - len(tok("x", add_special_tokens=False)["input_ids"])
+    for role, source, rows in (("forget", cfg.data.forget, primary), ("retain", cfg.data.retain, retain)):
+        if not rows:
+            continue
+        lengths = [len(x) for x in tok([r["question"] for r in rows], add_special_tokens=False)["input_ids"]]
+        for i, n in enumerate(lengths):
+            if n + overhead < limit - 4:  # clearly fits (the exact prompt is built only near the limit)
+                continue
+            n_prompt = len(prompt_ids(tok, rows[i]["question"], fmt))
+            if n_prompt >= limit:
+                raise UserError(
+                    f"{role} source {source}: row {i}'s question is {n_prompt} tokens as a prompt, leaving no room for "
+                    f"an answer within data.max_length={limit}"
+                    + (f" (the model's context: {context})" if context else "")
+                    + "; shorten the question or raise data.max_length")
 
 
 def make_accelerator():
@@ -179,19 +233,69 @@ def make_accelerator():
     return Accelerator(cpu=not has_gpu)
 
 
-def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | None = None) -> dict[str, Any]:
-    """Run `cfg.method` on the shared loop, writing everything into `out`. Returns the final manifest."""
+def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | None = None,
+          check_output: bool = False) -> dict[str, Any]:
+    """Run `cfg.method` on the shared loop, writing everything into `out`. Returns the final manifest.
+
+    The main process holds `out/.lock` while it writes (a second run into `out` is refused);
+    with `check_output`, `rundir.prepare_output` is checked again once the lock is held. A run
+    that stops on an error leaves manifest.json saying so (failed, diverged, interrupted).
+    """
     acc = make_accelerator()
     main = acc.is_main_process
     method: Method = METHODS[cfg.method](cfg.method_cfg)
     primary, retain = load_data(cfg, method)  # validates data before anything is written
-
+    plan = Plan(len(primary), acc.num_processes, cfg.train.batch_size, cfg.train.grad_accum,
+                cfg.train.epochs, cfg.train.max_steps, cfg.train.warmup_epochs)
+    if plan.total_steps == 0:
+        raise UserError("the run has no optimizer steps: raise train.epochs or train.max_steps")
+    check_lengths(cfg, primary, retain)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
-    acc.wait_for_everyone()
-    manifest = rundir.Manifest.start(out / "manifest.json", cfg.train.seed, command or rundir.command_line(),
-                                     {"method": cfg.method, "processes": acc.num_processes}) if main else None
+        rundir.check_writable(out, "--resume" if resume else "--output")
+        rundir.make_folder(out)
+    lock = rundir.OutputLock(out, "--resume" if resume else "--output") if main else None
+    if lock:
+        lock.acquire()
+    manifest = None
+    try:
+        if main and check_output:
+            rundir.prepare_output(out, resume)
+        if main:
+            try:
+                dump_config(cfg, out / "config.yaml")
+            except OSError as e:
+                raise rundir.write_failed(e, out) from None
+        acc.wait_for_everyone()
+        manifest = rundir.Manifest.start(out / "manifest.json", cfg.train.seed, command or rundir.command_line(),
+                                         {"method": cfg.method, "processes": acc.num_processes}) if main else None
+        return _train(cfg, out, resume, acc, method, primary, retain, plan, manifest)
+    except TrainingDiverged as e:
+        if manifest and manifest.running:
+            manifest.fail("diverged", str(e))
+        raise
+    except OSError as e:
+        if e.errno not in rundir.WRITE_ERRNOS:
+            if manifest and manifest.running:
+                manifest.fail("failed", f"{type(e).__name__}: {e}")
+            raise
+        err = rundir.write_failed(e, out, "the checkpoints written before are intact")
+        if manifest and manifest.running:
+            manifest.fail("failed", str(err))
+        raise err from None
+    except BaseException as e:
+        if manifest and manifest.running:
+            interrupted = isinstance(e, KeyboardInterrupt)
+            manifest.fail("interrupted" if interrupted else "failed",
+                          "interrupted" if interrupted else f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary: list[dict], retain: list[dict],
+           plan: Plan, manifest: rundir.Manifest | None) -> dict[str, Any]:
+    main = acc.is_main_process
     timer = manifest.phase if manifest else (lambda name: contextlib.nullcontext())
 
     compute = resolve_bf16(cfg.train.bf16, acc.device, "train.bf16")
@@ -214,12 +318,8 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
                                targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
         model.train()
 
-    plan = Plan(len(primary), acc.num_processes, cfg.train.batch_size, cfg.train.grad_accum,
-                cfg.train.epochs, cfg.train.max_steps, cfg.train.warmup_epochs)
     schedule = plan.micro_schedule()
     total = plan.total_steps
-    if total == 0:
-        raise UserError("the run has no optimizer steps: raise train.epochs or train.max_steps")
     method.configure_model(model)  # e.g. RMU freezes weights: before AdamW and DDP see them
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                             **({"fused": True} if _fused_adamw_ok(model, acc.device) else {}))
@@ -245,21 +345,25 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
 
     step, micro_done = 0, 0
     if resume:
-        ckpts = rundir.checkpoint_dirs(out)
-        if ckpts:
-            tensors, state = rundir.load_checkpoint(ckpts[-1])
+        found = rundir.load_resume_checkpoint(out, set_aside=main)  # verified, finite; damaged newer ones set aside
+        if found:
+            ck_path, tensors, state = found
             missing = set(trainable_state(acc.unwrap_model(model))) - set(tensors["model"])
             if missing:
                 raise UserError(f"--resume {out}: checkpoint does not match the model ({len(missing)} weights missing)")
             with torch.no_grad():
                 for n, p in trainable_state(acc.unwrap_model(model)).items():
                     p.copy_(tensors["model"][n])
-            opt.load_state_dict(tensors["optimizer"])
-            sched.load_state_dict(tensors["scheduler"])
-            _set_rng_state(tensors["rng"])
+            try:
+                opt.load_state_dict(tensors["optimizer"])
+                sched.load_state_dict(tensors["scheduler"])
+                _set_rng_state(tensors["rng"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise UserError(f"--resume {out}: checkpoint {ck_path.name} does not fit this run "
+                                f"({type(e).__name__}: {e})") from None
             method.load_state_dict(state["method"])
             step, micro_done = state["step"], state["micro_done"]
-            log.info("resumed from %s (step %d of %d)", ckpts[-1].name, step, total)
+            log.info("resumed from %s (step %d of %d)", ck_path.name, step, total)
             if manifest:
                 manifest.data["resumes"] += 1
         else:
@@ -276,7 +380,27 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
                               "method_info": method.manifest_info()})
         manifest.save()
 
+    epoch, j = -1, -1  # (where the loop is; set by it)
+
+    def diverged(what: str) -> TrainingDiverged:
+        """Record the divergence and name the newest checkpoint (written only with finite weights)."""
+        bar.close()
+        if manifest:
+            manifest.finish("diverged", error=what)
+        kept = rundir.checkpoint_dirs(out)
+        where = f" (epoch {epoch}, micro-batch {j})" if epoch >= 0 else ""
+        return TrainingDiverged(
+            f"{what}{where}; "
+            f"{'last good checkpoint (finite weights): ' + str(kept[-1]) if kept else 'no checkpoint was written yet'}; "
+            "lower train.lr or check the data"
+        )
+
+    def weights_ok() -> None:
+        if not rundir.all_finite([p for p in model.parameters() if p.requires_grad]):
+            raise diverged(f"weights are non-finite after optimizer step {step}")
+
     def checkpoint() -> None:
+        weights_ok()
         if main:
             rundir.save_checkpoint(
                 out, step,
@@ -301,7 +425,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
     clock["start"] = time.perf_counter() - done_s.get("train", 0.0)
     clock["ckpt"] = done_s.get("train/checkpoint", 0.0)
     stopped_early = False
-    with timer("train"):
+    with timer("train"), _close_on_error(bar):
         for m, (epoch, j, last) in enumerate(schedule):
             if m < micro_done:
                 continue
@@ -327,24 +451,24 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
                 with autocast:
                     loss, logs = method.loss(ctx, model, prep)
                 if not torch.isfinite(loss):
-                    bar.close()
-                    if manifest:
-                        manifest.finish("diverged", error=f"non-finite loss at step {step}")
-                    kept = rundir.checkpoint_dirs(out)
-                    raise TrainingDiverged(
-                        f"loss is {float(loss.detach())} at step {step} (epoch {epoch}, micro-batch {j}); "
-                        f"{'last good checkpoint: ' + str(kept[-1]) if kept else 'no checkpoint was written yet'}; "
-                        "lower train.lr or check the data"
-                    )
+                    raise diverged(f"loss is {float(loss.detach())} at step {step}")
                 acc.backward(loss / group_len)
             tokens += prep.tokens
             group.append({"train/loss": float(loss.detach()), **logs, **prep.stats})
             micro_done = m + 1
             if not last:
                 continue
-            if cfg.train.max_grad_norm > 0:
-                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            # Gradients are checked before the step (a non-finite one would poison every weight); the
+            # weights before every checkpoint and after the last step (checkpoint(), below), so a
+            # checkpoint or a model is only ever written with finite weights. Weights that break
+            # between checkpoints show at the next step's loss or gradients.
+            # (clip at +inf: the norm without clipping; every gradient is multiplied by exactly 1.)
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
+            if grad_norm is not None:
                 group[-1]["train/grad_norm"] = float(grad_norm)
+                if not math.isfinite(float(grad_norm)):
+                    opt.zero_grad(set_to_none=True)
+                    raise diverged(f"gradient norm is {float(grad_norm)} at step {step + 1} (weights not updated)")
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -375,6 +499,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
             with timer("checkpoint"):
                 checkpoint()
 
+    weights_ok()  # the last step's weights (checked above when it wrote a checkpoint; cheap either way)
     with timer("save"):
         if main:
             save_model(acc.unwrap_model(model), tok, out / "model", prompt_format=fmt)
@@ -384,6 +509,16 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
                         model_fingerprint=fps[0], rank_fingerprints=fps)
         return manifest.data
     return {"rank_fingerprints": fps}
+
+
+@contextlib.contextmanager
+def _close_on_error(bar):
+    """Close the progress bar when the loop stops on an error, so the error's line starts a line of its own."""
+    try:
+        yield
+    except BaseException:
+        bar.close()
+        raise
 
 
 def _fused_adamw_ok(model, device: torch.device) -> bool:

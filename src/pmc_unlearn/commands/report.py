@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="report.html", help="the HTML file to write (report.md goes beside it)")
     p.add_argument("--examples", type=int, default=None, help="forget and retain questions shown side by side (default 3)")
     p.add_argument("--title", default="Unlearning report", help="the report's title")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite the .html, the .md beside it and the images folder even when they were not "
+                        "written by pmc-unlearn report")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,6 +26,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.examples is not None and args.examples < 0:
         raise UserError(f"--examples {args.examples}: must be 0 or more")
-    out = build_report(args.runs, args.output, examples=args.examples, title=args.title)
+    out = build_report(args.runs, args.output, examples=args.examples, title=args.title, force=args.force)
     print(f"wrote {out['html']} and {out['md']} ({len(out['models'])} models: {', '.join(out['models'])})")
     return 0

@@ -39,8 +39,8 @@ def resolve(args, method: str | None, primary_key: str = "forget", defaults: dic
     if args.resume:
         if args.config or extra or args.overrides or method:
             raise UserError("--resume DIR continues a run with its own config.yaml; drop the other flags and overrides")
-        cfg_path = Path(args.resume) / "config.yaml"
-        if not cfg_path.exists():
+        cfg_path = Path(args.resume).expanduser() / "config.yaml"
+        if not cfg_path.is_file():
             raise UserError(f"--resume {args.resume}: no config.yaml there; pass the output folder of an earlier run")
         return load_config(cfg_path)
     return load_config(args.config, args.overrides, method=method, extra=extra, defaults=defaults)
@@ -65,14 +65,17 @@ def execute(args, cfg, defaults_note: str = "") -> int:
     from pmc_unlearn import rundir
     from pmc_unlearn.methods import METHODS
     from pmc_unlearn.models import check_causal_lm
-    from pmc_unlearn.trainer import Plan, load_data, train
+    from pmc_unlearn.trainer import Plan, check_lengths, load_data, train
 
-    out = Path(args.resume or args.output or "")
+    out = Path(args.resume or args.output or "").expanduser()
     if not args.resume and not args.output and not args.dry_run:
         raise UserError("--output DIR is required (or --resume DIR, or --dry-run)")
+    if not args.dry_run:
+        rundir.prepare_output(out, resume=bool(args.resume))  # cheap checks first: nothing is written yet
     method = METHODS[cfg.method](cfg.method_cfg)
     primary, retain = load_data(cfg, method)
     check_causal_lm(cfg.model.name)
+    check_lengths(cfg, primary, retain)
     if args.dry_run:
         plan = Plan(len(primary), 1, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs,
                     cfg.train.max_steps, cfg.train.warmup_epochs)
@@ -81,8 +84,7 @@ def execute(args, cfg, defaults_note: str = "") -> int:
             "optimizer_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
             "warmup_steps": plan.warmup_steps}}, indent=2))
         return 0
-    rundir.prepare_output(out, resume=bool(args.resume))
-    result = train(cfg, out, resume=bool(args.resume))
+    result = train(cfg, out, resume=bool(args.resume), check_output=True)
     print(f"done in {result.get('wall_time_s', 0):.1f} s: model in {out / 'model'}, logs in {out / 'log.jsonl'}")
     return 0
 

@@ -60,6 +60,9 @@ def _json_safe(x):
 def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out}: is a file; pass a folder (it is created when missing)")
+    from pmc_unlearn.rundir import check_writable
+
+    check_writable(out)
     if overwrite:
         return
     rec = out / RECORDS_FILE

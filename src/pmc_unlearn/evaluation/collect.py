@@ -483,26 +483,30 @@ def read_records(path: Path) -> list[Record]:
 
 
 class _Appender:
-    """Appends records as JSON lines and flushes; starts on a fresh line after a cut-off write."""
+    """Appends records as JSON lines, one write per batch under a lock (rundir.append_atomic).
+
+    Several processes may share a file (two evaluations of the same model share the cache): each
+    batch lands whole, never interleaved with another's. A write that fails (a full disk) leaves
+    the file as it was and raises OutputWriteError.
+    """
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = False
-        if path.exists() and path.stat().st_size > 0:
-            with path.open("rb") as f:
-                f.seek(-1, os.SEEK_END)
-                fresh = f.read(1) != b"\n"
-        self.f = path.open("a", encoding="utf-8")
-        if fresh:
-            self.f.write("\n")
+        self.path = path
 
     def write(self, recs: Iterable[Record]) -> None:
-        for r in recs:
-            self.f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        self.f.flush()
+        from pmc_unlearn.rundir import append_atomic, write_failed
+
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode("utf-8")
+        if not data:
+            return
+        try:
+            append_atomic(self.path, data)
+        except OSError as e:
+            raise write_failed(e, self.path, f"{self.path} keeps the records written before (a rerun resumes)") from None
 
     def close(self) -> None:
-        self.f.close()
+        pass
 
 
 def _dist() -> tuple[int, int]:
@@ -593,10 +597,12 @@ def collect_records(
                 cdir = cache_root / key
                 cdir.mkdir(parents=True, exist_ok=True)
                 meta = cdir / "meta.json"
-                if not meta.exists():
-                    meta.write_text(json.dumps({"key": key, "model_fingerprint": fp, "split": spec.name,
-                                                "source": spec.source, "gen": asdict(gen), "fmt": asdict(fmt),
-                                                "schema": SCHEMA_VERSION}, indent=2))
+                if not meta.exists():  # (temporary file per process, then rename: never half-written)
+                    tmp = cdir / f"meta.json.{os.getpid()}.tmp"
+                    tmp.write_text(json.dumps({"key": key, "model_fingerprint": fp, "split": spec.name,
+                                               "source": spec.source, "gen": asdict(gen), "fmt": asdict(fmt),
+                                               "schema": SCHEMA_VERSION}, indent=2))
+                    os.replace(tmp, meta)
                 cache_apps[spec.name] = _Appender(cdir / "records.jsonl")
             have = set()
             for it in spec.items:
@@ -641,9 +647,15 @@ def collect_records(
 
 def write_records(records: Sequence[Record], path: str | Path) -> None:
     """Write records as JSON lines atomically (temp file, rename)."""
+    from pmc_unlearn.rundir import write_failed
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(e, path, f"{path} is as it was") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,8 +337,13 @@ def _html_table(t: Table) -> str:
     return "".join(out)
 
 
+# Marks a file as written by `pmc-unlearn report` (which overwrites only such files unless --force).
+GENERATOR_HTML = '<meta name="generator" content="pmc-unlearn report">'
+GENERATOR_MD = "<!-- written by pmc-unlearn report -->"
+
+
 def to_html(sections: list[Section], title: str, subtitle: str) -> str:
-    parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">{GENERATOR_HTML}",
              f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p><nav>",
              *[f"<a href=\"#{s.id}\">{html.escape(s.title)}</a>" for s in sections], "</nav>"]
@@ -367,8 +373,36 @@ def to_html(sections: list[Section], title: str, subtitle: str) -> str:
 
 # ----------------------------------------------------------------------------- Markdown
 
+_MD_INLINE = set("\\`*_[]|~")  # emphasis, code, links and images, table cells, strikethrough
+_MD_LINE_START = re.compile(r"^(\s*)([#+=-]|\d+[.)])")  # headings, lists, setext underlines
+
+
+def md_escape(text: Any, line_start: bool = True) -> str:
+    """Text (a model's answer, a question, a path) as literal Markdown: on one line, HTML and Markdown inert.
+
+    `<`, `>` and `&` become entities (no raw HTML, no autolinks, no entity tricks); the characters
+    Markdown gives a meaning inside a line (emphasis, code, links, images, table cells) are
+    backslash-escaped, and so is a heading or list marker at the start of a line (`line_start`;
+    a table cell has none), which CommonMark renders as the character itself.
+    """
+    s = html.escape(str(text), quote=False).replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    s = "".join("\\" + ch if ch in _MD_INLINE else ch for ch in s)
+    if not line_start:
+        return s
+    return _MD_LINE_START.sub(lambda m: m.group(1) + m.group(2)[:-1] + "\\" + m.group(2)[-1], s, count=1)
+
+
 def _md_cell(c: str) -> str:
-    return c.replace("|", "\\|").replace("\n", " ")
+    return md_escape(c, line_start=False)
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any run of backticks in `text` (so the text cannot close it)."""
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    return "`" * max(3, longest + 1)
 
 
 def _md_table(t: Table) -> str:
@@ -381,26 +415,34 @@ def _md_table(t: Table) -> str:
 
 
 def to_markdown(sections: list[Section], title: str, subtitle: str, image_dir: str) -> tuple[str, dict[str, bytes]]:
-    """The Markdown text and the images it links ({relative path: png bytes})."""
-    parts = [f"# {title}", "", subtitle, ""]
+    """The Markdown text and the images it links ({relative path: png bytes}).
+
+    Every text that comes from data (answers, questions, labels, paths, notes) is escaped with
+    `md_escape`, as the HTML escapes it; the settings stay in code blocks.
+    """
+    parts = [f"# {md_escape(title)}", "", md_escape(subtitle), ""]
     images: dict[str, bytes] = {}
     for s in sections:
-        parts += [f"## {s.title}", ""]
+        parts += [f"## {md_escape(s.title)}", ""]
         for t in s.intro:
-            parts += [t, ""]
+            parts += [md_escape(t), ""]
         for b in s.blocks:
             if isinstance(b, Table):
                 parts += [_md_table(b), ""]
             elif isinstance(b, Image):
                 rel = f"{image_dir}/{b.name}.png"
                 images[rel] = b.png
-                parts += [f"![{b.alt}]({rel})", ""]
+                parts += [f"![{md_escape(b.alt)}]({rel.replace(' ', '%20').replace('(', '%28').replace(')', '%29')})", ""]
             elif b[0] == "h3":
-                parts += [f"### {b[1]}", ""]
+                parts += [f"### {md_escape(b[1])}", ""]
             elif b[0] == "pre":
-                parts += ["```yaml", b[1].rstrip(), "```", ""]
+                f = _fence(b[1])
+                parts += [f + "yaml", b[1].rstrip(), f, ""]
             elif b[0] == "details":
-                parts += [f"<details><summary>{b[1]}</summary>", "", "```yaml", b[2].rstrip(), "```", "", "</details>", ""]
+                f = _fence(b[2])
+                parts += [f"<details><summary>{html.escape(str(b[1]))}</summary>", "", f + "yaml", b[2].rstrip(), f, "",
+                          "</details>", ""]
             else:
-                parts += [f"**{b[1]}**" if b[1].startswith("Q: ") else b[1], ""]
+                parts += [f"**{md_escape(b[1])}**" if b[1].startswith("Q: ") else md_escape(b[1]), ""]
+    parts += [GENERATOR_MD, ""]
     return "\n".join(parts), images
