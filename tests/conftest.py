@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# A fixed thread count: the library otherwise follows the machine's load (pmc_unlearn.cpu), and a
+# matmul's summation order, so its last bits, can change with the thread count; the tests that
+# compare a resumed run's weights with an uninterrupted one's need the same order in both.
+os.environ.setdefault("PMC_UNLEARN_THREADS", str(min(2, os.cpu_count() or 1)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -232,3 +232,17 @@ def test_headline_shows_intervals_where_the_summary_has_them(by_hand, tmp_path):
     page = build_report([d / "runs", d / "evals"], tmp_path / "r" / "report.html")["html"].read_text()
     assert "92.0 [88.2, 95.5]" in page and "0.430 [0.400, 0.450]" in page
     assert "70.0 [" not in page  # npo's summary has no intervals: the number alone
+
+
+def test_cost_section_lists_time_memory_and_sampled_tokens(by_hand, tmp_path):
+    d = by_hand
+    man = json.loads((d / "runs" / "pmc" / "manifest.json").read_text())
+    man.update(peak_rss_mb=1234.4, steps=6, precision={"compute": {"bf16": False, "reason": "auto: CPU AVX2, oneDNN bf16 emulated"}})
+    man["hardware"].update(cpu="Test CPU", cpu_capability="AVX2", cpu_native_bf16=False)
+    (d / "runs" / "pmc" / "manifest.json").write_text(json.dumps(man))
+    _write(d / "runs" / "pmc" / "samples.jsonl", [{"step": 1, "index": 0, "tokens": 30}, {"step": 1, "index": 0, "tokens": 12}])
+    page = build_report([d / "runs", d / "evals"], tmp_path / "c" / "report.html")["html"].read_text()
+    assert '<section id="cost">' in page
+    row = re.search(r'<tr class="pmc">(.*?)</tr>', page.split('<section id="cost">')[1]).group(1)
+    assert "1234 MB" in row and ">42<" in row and ">6<" in row and "92.0" in row  # 30 + 12 tokens sampled
+    assert "Test CPU, 2 cores, AVX2, no native bf16" in page and "fp32 compute" in page

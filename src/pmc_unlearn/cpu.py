@@ -143,3 +143,49 @@ class _Adapter:
 
 adapt_threads = _Adapter()
 """Call often from CPU-heavy loops (cheap: it measures at most every 0.5 s); returns the thread count when it checked."""
+
+
+class PeakMemory:
+    """The process's peak resident memory (MB) over a block, sampled by a daemon thread every `every`
+    seconds, and CUDA's own peak allocation when a GPU is in use. For the cost tables: a
+    long-lived process (the demo runs every stage in one) needs the peak of each run, which
+    `ru_maxrss` (the process's lifetime peak) cannot give."""
+
+    def __init__(self, every: float = 0.25):
+        self.every = every
+        self.peak_rss = 0
+        self._stop = None
+        self._thread = None
+
+    def _sample(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while True:
+            self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict[str, float]:
+        import torch
+
+        out = {"peak_rss_mb": round(self.peak_rss / 2**20, 1)}
+        if torch.cuda.is_available():
+            out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return out

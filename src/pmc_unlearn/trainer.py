@@ -32,7 +32,7 @@ import torch
 
 from pmc_unlearn import rundir
 from pmc_unlearn.config import RunConfig, dump_config
-from pmc_unlearn.cpu import adapt_threads
+from pmc_unlearn.cpu import PeakMemory, adapt_threads
 from pmc_unlearn.data import load_qa, overlap_report
 from pmc_unlearn.errors import TrainingDiverged, UserError
 from pmc_unlearn.formatting import PromptFormat
@@ -425,7 +425,8 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
     clock["start"] = time.perf_counter() - done_s.get("train", 0.0)
     clock["ckpt"] = done_s.get("train/checkpoint", 0.0)
     stopped_early = False
-    with timer("train"), _close_on_error(bar):
+    peak = PeakMemory()  # the run's peak memory, for cost tables (manifest: peak_rss_mb, peak_cuda_mb)
+    with timer("train"), _close_on_error(bar), peak:
         for m, (epoch, j, last) in enumerate(schedule):
             if m < micro_done:
                 continue
@@ -506,7 +507,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
     fps = ctx.gather([fingerprint(acc.unwrap_model(model))])
     if manifest:
         manifest.finish("completed", steps=step, planned_steps=total, stopped_by_time_limit=stopped_early,
-                        model_fingerprint=fps[0], rank_fingerprints=fps)
+                        model_fingerprint=fps[0], rank_fingerprints=fps, **peak.result())
         return manifest.data
     return {"rank_fingerprints": fps}
 

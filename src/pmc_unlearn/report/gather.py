@@ -44,6 +44,7 @@ class ModelResult:
     config: dict[str, Any] = field(default_factory=dict)
     log: list[dict[str, Any]] = field(default_factory=list)
     attacks: dict[str, Any] | None = None
+    tokens_sampled: int | None = None  # new tokens the run generated while training (PMC's samples.jsonl)
     stage_time_s: float | None = None  # the demo stage that produced the model (training)
     eval_stage_time_s: float | None = None
     source: str = ""
@@ -116,6 +117,8 @@ def read_run(p: Path, m: ModelResult) -> None:
     m.config = _yaml(p / "config.yaml") if (p / "config.yaml").exists() else {}
     m.log = read_jsonl_dicts(p / "log.jsonl")
     m.method = m.method or m.config.get("method") or m.manifest.get("method")
+    if (p / "samples.jsonl").exists():
+        m.tokens_sampled = sum(int(r.get("tokens") or 0) for r in read_jsonl_dicts(p / "samples.jsonl"))
     if (p / "attacks.json").exists() and m.attacks is None:
         m.attacks = _json(p / "attacks.json")
 

@@ -264,6 +264,36 @@ def stages_section(data: ReportData) -> Section | None:
     return sec
 
 
+def cost_section(data: ReportData) -> Section | None:
+    """What each training run cost beside what it bought: the reviewers' cost-benefit question."""
+    runs = [m for m in data.models if m.run_dir is not None and m.manifest]
+    if not runs:
+        return None
+    sec = Section("cost", "Cost and benefit")
+    hw = max((m.manifest.get("hardware") or {} for m in runs), key=len)  # the fullest record
+    prec = next((m.manifest.get("precision") for m in runs if m.manifest.get("precision")), None)
+    sec.intro.append(
+        "Per training run, on the machine that ran it: wall time of the training stage, optimizer steps, the peak "
+        "resident memory during training (sampled; CUDA's peak allocation too where a GPU ran), the new tokens it "
+        "sampled (PMC's candidate answers; the baselines sample none), and what it bought."
+        + (f" Machine: {hw.get('cpu', '?')}, {hw.get('cpu_count', '?')} cores, {hw.get('cpu_capability', '?')}"
+           f"{', native bf16' if hw.get('cpu_native_bf16') else ', no native bf16' if 'cpu_native_bf16' in hw else ''}." if hw else "")
+        + (f" Precision: {'bf16' if prec.get('compute', {}).get('bf16') else 'fp32'} compute "
+           f"({prec.get('compute', {}).get('reason', '')})." if isinstance(prec, dict) else ""))
+    rows, hl = [], []
+    for m in runs:
+        mem = m.manifest.get("peak_rss_mb")
+        cuda = m.manifest.get("peak_cuda_mb")
+        rows.append([m.label, m.method or "—", fmt(m.train_time_s, "s"), fmt(m.manifest.get("steps"), "int"),
+                     (f"{mem:.0f} MB" if isinstance(mem, (int, float)) else "—") + (f" (CUDA {cuda:.0f} MB)" if cuda else ""),
+                     f"{m.tokens_sampled:,}" if m.tokens_sampled else "0" if m.role == "unlearned" else "—",
+                     with_ci(m, "unlearn_quality", "pct"), with_ci(m, "utility", "pct"), fmt(m.metric("forget_quality"), "p")])
+        hl.append(m.is_pmc)
+    sec.blocks.append(Table(["Model", "Method", "Train time", "Steps", "Peak memory", "Tokens sampled",
+                             "Unlearn quality ↑", "Utility ↑", "Forget quality ↑"], rows, hl))
+    return sec
+
+
 def settings_section(data: ReportData) -> Section:
     sec = Section("settings", "Settings and versions")
     for d in data.demos:
@@ -310,9 +340,9 @@ def settings_section(data: ReportData) -> Section:
 def build_sections(data: ReportData, plots, examples: int = 3) -> list[Section]:
     secs = [headline(data), tradeoff_section(data, plots), curves_section(data, plots), answers_section(data, examples),
             attacks_section(data)]
-    st = stages_section(data)
-    if st:
-        secs.append(st)
+    for extra in (cost_section(data), stages_section(data)):
+        if extra:
+            secs.append(extra)
     secs.append(settings_section(data))
     return secs
 
