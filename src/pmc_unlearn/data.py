@@ -3,6 +3,8 @@
 A *source* is one string:
 - `tofu:<split>`: the TOFU splits bundled with the package (no download), e.g. `tofu:forget01`,
   `tofu:retain99`, `tofu:forget01_perturbed`, `tofu:real_authors`, `tofu:idontknow`.
+- `muse-news:<split>`: the MUSE-News files bundled with the package (CC BY 4.0), e.g.
+  `muse-news:forget` (raw articles), `muse-news:retain`, `muse-news:knowmem_forget`.
 - a local file: `.json` (a JSON array, an object with a list under "data", or the "chunked"
   layout of several arrays one per line), `.jsonl`, `.csv`, `.parquet`.
 - anything else is taken as a Hugging Face hub dataset name (needs network and `datasets`);
@@ -10,6 +12,9 @@ A *source* is one string:
 
 Rows come back as plain dicts with the columns renamed to `question` and `answer`. A forget set
 may hold questions only (PMC never needs the answers); `require_answers=True` asks for them.
+A source whose rows have a `text` column and no question column is a *text* source (plain
+documents, e.g. MUSE-News articles): its rows come back as `{"text": ...}` and training turns
+them into token chunks (formatting.split_text_rows; docs/muse.md).
 """
 
 from __future__ import annotations
@@ -36,6 +41,21 @@ TOFU_HUB_NAME = "locuslab/TOFU"
 # forgetXX.json names its columns prompt/response; every other TOFU file uses question/answer.
 _TOFU_ALIASES = {"prompt": "question", "response": "answer"}
 AUTHOR_SIZE = 20  # TOFU: 20 consecutive rows per fictitious author
+
+
+# MUSE-News: source split -> (file under assets/muse-news, what a row is). String rows become {"text": ...}.
+MUSE_SPLITS = {
+    "forget": "raw/forget.json",
+    "retain": "privleak/retain2.json",  # stands in for the raw retain2 corpus (missing upstream)
+    "holdout": "privleak/holdout.json",  # stands in for the raw holdout corpus (missing upstream)
+    "privleak_forget": "privleak/forget.json",
+    "verbmem": "verbmem/forget.json",
+    "knowmem_forget": "knowmem/forget_qa.json",
+    "knowmem_retain": "knowmem/retain2_qa.json",
+    "knowmem_forget_icl": "knowmem/forget_qa_icl.json",
+    "knowmem_retain_icl": "knowmem/retain2_qa_icl.json",
+}
+TEXT_KEY = "text"
 
 
 def tofu_dir() -> Path:
@@ -104,6 +124,23 @@ def _tofu_rows(split: str) -> list[Row]:
     return [{_TOFU_ALIASES.get(k, k): v for k, v in r.items()} for r in rows]
 
 
+def muse_dir() -> Path:
+    """Folder of the bundled MUSE-News files (CC BY 4.0, see LICENSE and SOURCE.md there)."""
+    return Path(str(resources.files("pmc_unlearn") / "assets" / "muse-news"))
+
+
+def _muse_rows(split: str) -> list[Row]:
+    if split not in MUSE_SPLITS:
+        raise UserError(f"muse-news:{split}: unknown MUSE-News split; choose one of: {', '.join(MUSE_SPLITS)}")
+    rows = _read_json(muse_dir() / MUSE_SPLITS[split])
+    return [{TEXT_KEY: r} if isinstance(r, str) else dict(r) for r in rows]
+
+
+def is_text_row(row: Row) -> bool:
+    """A plain document (a `text` and no question), as opposed to a question/answer pair."""
+    return TEXT_KEY in row and "question" not in row
+
+
 def _hub_rows(name: str) -> list[Row]:
     repo, _, config = name.partition(":")
     if repo == TOFU_HUB_NAME:
@@ -126,6 +163,8 @@ def load_rows(source: str) -> list[Row]:
     """Raw rows of a source, columns as stored."""
     if source.startswith("tofu:"):
         return _tofu_rows(source.split(":", 1)[1])
+    if source.startswith("muse-news:"):
+        return _muse_rows(source.split(":", 1)[1])
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir():
@@ -148,6 +187,9 @@ def load_qa(
     if not rows:
         raise UserError(f"{role} source {source} is empty; point it at a file with at least one row")
     first = rows[0]
+    if isinstance(first, dict) and TEXT_KEY in first and question_key not in first and not any(
+            a in first for a, b in _TOFU_ALIASES.items() if b == question_key):
+        return _text_rows(rows, source, role)
     qk = question_key if question_key in first else next((a for a, b in _TOFU_ALIASES.items() if b == question_key and a in first), question_key)
     if qk not in first:
         raise UserError(
@@ -177,6 +219,27 @@ def load_qa(
     return out
 
 
+def _text_rows(rows: list[Row], source: str, role: str) -> list[Row]:
+    """Rows of a text source as {"text": ...} (other columns kept); empty documents are skipped with a warning.
+
+    (MUSE-News's raw/forget.json holds one empty string, row 821.)
+    """
+    import logging
+
+    out, empty = [], []
+    for i, r in enumerate(rows):
+        t = r.get(TEXT_KEY)
+        if not isinstance(t, str):
+            raise UserError(f"{role} source {source}: row {i} has no '{TEXT_KEY}' string")
+        (out.append(dict(r)) if t.strip() else empty.append(i))
+    if empty:
+        logging.getLogger(__name__).warning("%s source %s: skipping %d empty documents (rows %s)", role, source,
+                                            len(empty), ", ".join(map(str, empty[:5])))
+    if not out:
+        raise UserError(f"{role} source {source}: every '{TEXT_KEY}' is empty; point it at a file with text")
+    return out
+
+
 def read_jsonl_dicts(path: Path, warn: bool = False) -> list[Row]:
     """Objects of an append-only JSON-lines file (records, logs); a line cut by a killed write is skipped."""
     import logging
@@ -202,8 +265,11 @@ def read_jsonl_dicts(path: Path, warn: bool = False) -> list[Row]:
 
 
 def overlap_report(forget: list[Row], retain: list[Row]) -> tuple[int, int]:
-    """(duplicate questions within forget, forget questions also present in retain)."""
-    fq = [r["question"].strip() for r in forget]
-    rq = {r["question"].strip() for r in retain}
+    """(duplicate questions within forget, forget questions also present in retain); texts for text rows."""
+    def key(r: Row) -> str:
+        return (r.get("question") or r.get(TEXT_KEY) or "").strip()
+
+    fq = [key(r) for r in forget]
+    rq = {key(r) for r in retain}
     dup = len(fq) - len(set(fq))
     return dup, sum(1 for q in set(fq) if q in rq)

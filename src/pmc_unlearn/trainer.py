@@ -33,9 +33,9 @@ import torch
 from pmc_unlearn import rundir
 from pmc_unlearn.config import RunConfig, dump_config
 from pmc_unlearn.cpu import adapt_threads
-from pmc_unlearn.data import load_qa, overlap_report
+from pmc_unlearn.data import is_text_row, load_qa, overlap_report
 from pmc_unlearn.errors import TrainingDiverged, UserError
-from pmc_unlearn.formatting import PromptFormat
+from pmc_unlearn.formatting import PromptFormat, split_text_rows
 from pmc_unlearn.methods import METHODS
 from pmc_unlearn.methods.base import Method, RunContext, derive_seed
 from pmc_unlearn.models import apply_lora, fingerprint, load_model, save_model
@@ -147,7 +147,8 @@ def load_data(cfg: RunConfig, method: Method) -> tuple[list[dict], list[dict]]:
     primary = load_qa(d.forget, d.question_key, d.answer_key, require_answers=method.uses_primary_answers, role="forget")
     if not method.uses_primary_answers:
         # The privacy promise: methods that need only the questions never hold the answers.
-        primary = [{"question": r["question"]} for r in primary]
+        # (Text rows are cut to their prefixes by `chunk_rows` once the tokenizer is loaded.)
+        primary = [r if is_text_row(r) else {"question": r["question"]} for r in primary]
     if d.max_forget:
         primary = primary[: d.max_forget]
     retain: list[dict] = []
@@ -158,6 +159,26 @@ def load_data(cfg: RunConfig, method: Method) -> tuple[list[dict], list[dict]]:
             log.warning("forget set has %d duplicate questions", dup)
         if overlap:
             log.warning("%d forget questions also appear in the retain set: the retain loss will pull them back", overlap)
+    return primary, retain
+
+
+def chunk_rows(cfg: RunConfig, method: Method, tokenizer, primary: list[dict], retain: list[dict]):
+    """Text rows (plain documents) cut into chunks of data.max_length tokens; QA rows unchanged.
+
+    Methods that never read the forget answers (PMC) keep only each forget chunk's prefix.
+    """
+    d = cfg.data
+    if not any(is_text_row(r) for r in primary + retain):
+        return primary, retain
+    n_docs = sum(map(is_text_row, primary))
+    primary = split_text_rows(tokenizer, primary, d.max_length, d.text_prefix_tokens,
+                              prefix_only=not method.uses_primary_answers)
+    retain = split_text_rows(tokenizer, retain, d.max_length, d.text_prefix_tokens)
+    if n_docs:
+        log.info("forget texts: %d documents -> %d chunks of at most %d tokens (prefix %d tokens)",
+                 n_docs, len(primary), d.max_length, d.text_prefix_tokens)
+    if not primary:
+        raise UserError(f"forget source {d.forget}: no text chunk of at least 2 tokens; check the data")
     return primary, retain
 
 
@@ -214,6 +235,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
                                targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
         model.train()
 
+    primary, retain = chunk_rows(cfg, method, tok, primary, retain)
     plan = Plan(len(primary), acc.num_processes, cfg.train.batch_size, cfg.train.grad_accum,
                 cfg.train.epochs, cfg.train.max_steps, cfg.train.warmup_epochs)
     schedule = plan.micro_schedule()
