@@ -181,13 +181,18 @@ def load_qa(
     answer_key: str = "answer",
     require_answers: bool = True,
     role: str = "data",
+    allow_text: bool = False,
 ) -> list[Row]:
-    """Rows with `question` (and `answer`) renamed from the configured columns; other columns kept."""
+    """Rows with `question` (and `answer`) renamed from the configured columns; other columns kept.
+
+    With `allow_text` (training data), a source of plain documents (a `text` column, no question
+    column) comes back as text rows `{"text": ...}`; otherwise it is refused for lacking questions.
+    """
     rows = load_rows(source)
     if not rows:
         raise UserError(f"{role} source {source} is empty; point it at a file with at least one row")
     first = rows[0]
-    if isinstance(first, dict) and TEXT_KEY in first and question_key not in first and not any(
+    if allow_text and isinstance(first, dict) and TEXT_KEY in first and question_key not in first and not any(
             a in first for a, b in _TOFU_ALIASES.items() if b == question_key):
         return _text_rows(rows, source, role)
     qk = question_key if question_key in first else next((a for a, b in _TOFU_ALIASES.items() if b == question_key and a in first), question_key)

@@ -144,7 +144,8 @@ def _set_rng_state(s: dict[str, Any]) -> None:
 
 def load_data(cfg: RunConfig, method: Method) -> tuple[list[dict], list[dict]]:
     d = cfg.data
-    primary = load_qa(d.forget, d.question_key, d.answer_key, require_answers=method.uses_primary_answers, role="forget")
+    primary = load_qa(d.forget, d.question_key, d.answer_key, require_answers=method.uses_primary_answers, role="forget",
+                      allow_text=True)
     if not method.uses_primary_answers:
         # The privacy promise: methods that need only the questions never hold the answers.
         # (Text rows are cut to their prefixes by `chunk_rows` once the tokenizer is loaded.)
@@ -153,7 +154,7 @@ def load_data(cfg: RunConfig, method: Method) -> tuple[list[dict], list[dict]]:
         primary = primary[: d.max_forget]
     retain: list[dict] = []
     if method.uses_retain:
-        retain = load_qa(d.retain, d.question_key, d.answer_key, require_answers=True, role="retain")
+        retain = load_qa(d.retain, d.question_key, d.answer_key, require_answers=True, role="retain", allow_text=True)
         dup, overlap = overlap_report(primary, retain)
         if dup:
             log.warning("forget set has %d duplicate questions", dup)

@@ -181,7 +181,7 @@ def muse_suite(max_examples: int | None = None, forget_texts: str | None = None)
     kf, kr = load_rows("muse-news:knowmem_forget"), load_rows("muse-news:knowmem_retain")
     vsel, ksel, tag = list(range(len(verb))), list(range(len(kf))), ""
     if forget_texts is not None:
-        texts = [r["text"] for r in load_qa(forget_texts, require_answers=False, role="--forget-texts")
+        texts = [r["text"] for r in load_qa(forget_texts, require_answers=False, role="--forget-texts", allow_text=True)
                  if "text" in r]
         if not texts:
             raise UserError(f"--forget-texts {forget_texts}: holds no text rows (a 'text' column); pass the articles")
