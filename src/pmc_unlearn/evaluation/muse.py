@@ -68,14 +68,40 @@ def contains_answer(answer: str, text: str) -> bool:
     return re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", _norm(text)) is not None
 
 
+def content_words(text: str) -> set[str]:
+    """Lower-cased words of at least 4 letters or digits (the words that identify a question's topic)."""
+    return {w for w in re.findall(r"\w+", text.lower()) if len(w) >= 4}
+
+
+def covers(row: dict, text: str, min_overlap: float = 0.5) -> bool:
+    """Whether a text can answer a QA row: the answer occurs in it (whole words) and at least
+    `min_overlap` of the question's content words do too (so a bare year elsewhere does not count)."""
+    if not contains_answer(row["answer"], text):
+        return False
+    q = content_words(row["question"])
+    return not q or len(q & content_words(text)) >= min_overlap * len(q)
+
+
 def answerable(qa: Sequence[dict], texts: Sequence[str]) -> list[int]:
-    """Indices of the QA rows whose answer occurs in at least one of the texts (a coverage heuristic)."""
-    return [i for i, r in enumerate(qa) if any(contains_answer(r["answer"], t) for t in texts)]
+    """Indices of the QA rows that one of the texts covers (`covers`): a heuristic of what a model trained on them can know."""
+    return [i for i, r in enumerate(qa) if any(covers(r, t) for t in texts)]
 
 
-def docs_with_answers(qa: Sequence[dict], texts: Sequence[str]) -> list[int]:
-    """Indices of the texts that contain at least one QA answer, in order."""
-    return [j for j, t in enumerate(texts) if any(contains_answer(r["answer"], t) for r in qa)]
+def pick_docs(qa: Sequence[dict], texts: Sequence[str], n: int) -> list[int]:
+    """Greedily n text indices that cover the most QA rows not yet covered (ties: lower index), sorted.
+
+    Texts covering nothing new are not picked, so fewer than n may come back.
+    """
+    cov = [{i for i, r in enumerate(qa) if covers(r, t)} for t in texts]
+    done: set[int] = set()
+    picked: list[int] = []
+    for _ in range(n):
+        best = max(range(len(texts)), key=lambda j: (len(cov[j] - done), -j), default=None)
+        if best is None or not cov[best] - done:
+            break
+        picked.append(best)
+        done |= cov[best]
+    return sorted(picked)
 
 
 def verbmem_in(items: Sequence[dict], texts: Sequence[str], probe_chars: int = 200) -> list[int]:
@@ -170,7 +196,8 @@ def muse_suite(max_examples: int | None = None, forget_texts: str | None = None)
 
     `forget_texts`: a text source holding the articles the model was trained on, when it saw only
     part of `muse-news:forget` (the muse-quick demo): VerbMem and KnowMem-forget then run on the
-    items those articles cover (`verbmem_in`, `answerable`).
+    items those articles cover (`verbmem_in`, `answerable`), and PrivLeak's forget side is those
+    articles themselves (MUSE's privleak forget texts are runs of articles the model may not have seen).
     """
     from pmc_unlearn.data import load_qa, load_rows
 
@@ -180,12 +207,13 @@ def muse_suite(max_examples: int | None = None, forget_texts: str | None = None)
     verb = load_rows("muse-news:verbmem")
     kf, kr = load_rows("muse-news:knowmem_forget"), load_rows("muse-news:knowmem_retain")
     vsel, ksel, tag = list(range(len(verb))), list(range(len(kf))), ""
+    pf_texts = [r["text"] for r in load_rows("muse-news:privleak_forget")]
     if forget_texts is not None:
         texts = [r["text"] for r in load_qa(forget_texts, require_answers=False, role="--forget-texts", allow_text=True)
                  if "text" in r]
         if not texts:
             raise UserError(f"--forget-texts {forget_texts}: holds no text rows (a 'text' column); pass the articles")
-        vsel, ksel = verbmem_in(verb, texts), answerable(kf, texts)
+        vsel, ksel, pf_texts = verbmem_in(verb, texts), answerable(kf, texts), texts
         if not vsel and not ksel:
             raise UserError(f"--forget-texts {forget_texts}: covers no verbmem item and no knowmem question")
         import hashlib
@@ -202,9 +230,8 @@ def muse_suite(max_examples: int | None = None, forget_texts: str | None = None)
         C.SplitSpec(KNOWMEM_RETAIN, "muse-news:knowmem_retain+icl",
                     [C.EvalItem(i, knowmem_prompt(icl_r, r["question"]), r["answer"]) for i, r in enumerate(cut(kr))],
                     nll=False, mode="text", max_new_tokens=KNOWMEM_NEW_TOKENS, first_line=True),
-        C.SplitSpec(PRIVLEAK_FORGET, "muse-news:privleak_forget",
-                    [C.EvalItem(i, "", r["text"]) for i, r in enumerate(cut(load_rows("muse-news:privleak_forget")))],
-                    generate=False, mode="text"),
+        C.SplitSpec(PRIVLEAK_FORGET, "muse-news:privleak_forget" if forget_texts is None else "forget_texts" + tag,
+                    [C.EvalItem(i, "", t) for i, t in enumerate(cut(pf_texts))], generate=False, mode="text"),
         C.SplitSpec(PRIVLEAK_HOLDOUT, "muse-news:holdout",
                     [C.EvalItem(i, "", r["text"]) for i, r in enumerate(cut(load_rows("muse-news:holdout")))],
                     generate=False, mode="text"),
@@ -220,6 +247,7 @@ def evaluate_muse(
     *,
     retain_records: str | Path | None = None,
     require_privleak: bool = True,
+    self_reference: bool = False,
     max_examples: int | None = None,
     forget_texts: str | None = None,
     batch_size: int = 8,
@@ -232,7 +260,8 @@ def evaluate_muse(
     """Evaluate a model (alias, folder, hub id or `models.LoadedModel`) on MUSE-News; returns summary.json's dict.
 
     Without `retain_records`, `require_privleak=True` raises UserError (PrivLeak needs the retain
-    model's Min-K AUC); with False, privleak is null and a note says why.
+    model's Min-K AUC); with False, privleak is null and a note says why. `self_reference`: the
+    model is the retain model itself (its own AUC is the reference: privleak 0 by definition).
     """
     import torch
 
@@ -248,7 +277,7 @@ def evaluate_muse(
     ref_records = None
     if retain_records is not None:
         ref_records = read_retain_records(retain_records)
-    elif require_privleak:
+    elif require_privleak and not self_reference:
         raise UserError("privleak needs the retain model's records: pass --retain-records PATH (records.jsonl of "
                         "`pmc-unlearn eval --benchmark muse-news` on the retain model), or --no-forget-quality "
                         "to report it as null")
@@ -287,13 +316,15 @@ def evaluate_muse(
                                 use_cache=use_cache, model_fingerprint=fp, progress=progress)
     t_collect = time.time() - t1
     retain_auc = None
-    if ref_records is not None:
+    if ref_records is not None or self_reference:
         by = {s.name: [it.index for it in s.items] for s in specs}
-        retain_auc = retain_auc_from_records(ref_records, by.get(PRIVLEAK_FORGET, []), by.get(PRIVLEAK_HOLDOUT, []))
+        retain_auc = retain_auc_from_records(records if self_reference else ref_records,
+                                             by.get(PRIVLEAK_FORGET, []), by.get(PRIVLEAK_HOLDOUT, []))
     summary = summarize_muse(records, retain_auc)
     summary.update({
         "model_name": lm.name, "model_fingerprint": fp, "max_examples": max_examples,
-        "forget_texts": forget_texts, "retain_reference": str(retain_records) if retain_records else None,
+        "forget_texts": forget_texts,
+        "retain_reference": "itself (the retain model)" if self_reference else (str(retain_records) if retain_records else None),
         **{f"n_examples_{s.name}": len(s.items) for s in specs},
         "verbmem_new_tokens": VERBMEM_NEW_TOKENS, "knowmem_new_tokens": KNOWMEM_NEW_TOKENS,
         "max_length": MAX_LENGTH, "decoding": "greedy", "prompt": "raw text (no chat template)",
