@@ -33,7 +33,7 @@ from pmc_unlearn.precision import resolve_bf16, resolve_dtype
 
 BENCHMARK = "muse-news"
 MUSE_KEYS = {"forget_articles", "retain_texts"}
-MUSE_EVAL_KEYS = {"max_examples", "batch_size", "dtype"}
+MUSE_EVAL_KEYS = {"max_examples", "batch_size", "dtype", "max_length"}
 MUSE_BASELINES = ("npo",)
 
 
@@ -57,10 +57,10 @@ def validate_muse_profile(p: dict[str, Any]) -> None:
                         f"{', '.join(sorted(MUSE_EVAL_KEYS))}")
     if ev.get("dtype", "auto") not in EVAL_DTYPES:
         raise UserError(f"evaluate.dtype={ev.get('dtype')!r}: choose one of {', '.join(EVAL_DTYPES)}")
-    for k in ("max_examples", "batch_size"):
+    for k in ("max_examples", "batch_size", "max_length"):
         v = ev.get(k)
-        if not (v is None and k == "max_examples") and (not isinstance(v, int) or v < 1):
-            raise UserError(f"evaluate.{k}={v!r}: must be a positive integer" + (" (or null: all)" if k == "max_examples" else ""))
+        if not (v is None and k != "batch_size") and (not isinstance(v, int) or v < 1):
+            raise UserError(f"evaluate.{k}={v!r}: must be a positive integer" + (" (or null: the default)" if k != "batch_size" else ""))
 
 
 @dataclass
@@ -194,6 +194,7 @@ class MuseDemo(Demo):
             ev = self.p["evaluate"]
             s = evaluate_muse(model, d, retain_records=reference, require_privleak=False, self_reference=reference is None,
                               max_examples=ev.get("max_examples"), forget_texts=str(self.data.forget_file),
+                              **({"max_length": ev["max_length"]} if ev.get("max_length") else {}),
                               batch_size=ev["batch_size"], dtype=self.eval_dtype, progress=self.progress,
                               device="cpu")
             s["demo_role"] = role

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="muse-news only: the forget articles the model was trained on when it saw only part of "
                         "muse-news:forget (a text source); VerbMem and KnowMem-forget then run on the items they cover")
     p.add_argument("--output", required=True, help="folder for records.jsonl, summary.json, TOFU_EVAL.json, TOFU_SUMMARY.json")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="muse-news only: tokens of each privleak text scored (default 2048; longer texts are cut and counted)")
     p.add_argument("--retain-records", default=None,
                    help="the retain model's results on the same forget split: our records.jsonl (or its run folder) "
                         "or open-unlearning's TOFU_EVAL.json; needed for forget_quality and privleak "
@@ -59,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_muse(args)
     if args.forget_split is None:
         raise UserError("--forget-split is required with --benchmark tofu: choose forget01, forget05 or forget10")
-    if args.forget_texts is not None:
-        raise UserError("--forget-texts is for --benchmark muse-news; leave it out for TOFU")
+    if args.forget_texts is not None or args.max_length is not None:
+        raise UserError("--forget-texts and --max-length are for --benchmark muse-news; leave them out for TOFU")
     from pmc_unlearn.models import saved_prompt_format
 
     fmt = PromptFormat(use_chat_template=not args.plain_prompt, system_prompt=args.system_prompt,
@@ -108,6 +110,7 @@ def _run_muse(args: argparse.Namespace) -> int:
     s = evaluate_muse(
         args.model, args.output, retain_records=args.retain_records, require_privleak=not args.no_forget_quality,
         max_examples=args.max_examples, forget_texts=args.forget_texts, batch_size=args.batch_size,
+        **({"max_length": args.max_length} if args.max_length is not None else {}),
         dtype=args.dtype, use_cache=not args.no_cache, overwrite=args.overwrite, progress=not args.no_progress,
     )
 

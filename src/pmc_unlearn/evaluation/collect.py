@@ -485,7 +485,7 @@ def text_prompt_ids(tokenizer, text: str) -> list[int]:
     return text_start_ids(tokenizer) + tokenizer(text, add_special_tokens=False).input_ids
 
 
-TEXT_TOKENS_PER_PASS = 8192  # rows x tokens per forward pass of `text_scores` (bounds the [B, T, V] logits)
+TEXT_TOKENS_PER_PASS = 2048  # rows x tokens per forward pass of `text_scores` (bounds the [B, T, V] logits: 400 MB for SmolLM2)
 
 
 @torch.inference_mode()

@@ -43,8 +43,7 @@ PRIVLEAK_FORGET = "privleak_forget"
 PRIVLEAK_HOLDOUT = "privleak_holdout"
 VERBMEM_NEW_TOKENS = 128
 KNOWMEM_NEW_TOKENS = 32
-MAX_LENGTH = 2048  # tokens of a privleak text scored (longer ones are cut and counted), and of any prompt
-MUSE_FORMAT = PromptFormat(use_chat_template=False, max_length=MAX_LENGTH)
+MAX_LENGTH = 2048  # default tokens of a privleak text scored (longer ones are cut and counted)
 SUMMARY_KEYS = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
 
 
@@ -60,12 +59,15 @@ def _norm(s: str) -> str:
     return re.sub(r"\s+", " ", s.lower()).strip()
 
 
+def _has_phrase(phrase_norm: str, text_norm: str) -> bool:
+    if not phrase_norm or phrase_norm not in text_norm:  # (the plain test first: most pairs stop here)
+        return False
+    return re.search(r"(?<!\w)" + re.escape(phrase_norm) + r"(?!\w)", text_norm) is not None
+
+
 def contains_answer(answer: str, text: str) -> bool:
     """Whether `answer` occurs in `text` as whole words (case and runs of spaces ignored)."""
-    a = _norm(answer)
-    if not a:
-        return False
-    return re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", _norm(text)) is not None
+    return _has_phrase(_norm(answer), _norm(text))
 
 
 def content_words(text: str) -> set[str]:
@@ -73,18 +75,31 @@ def content_words(text: str) -> set[str]:
     return {w for w in re.findall(r"\w+", text.lower()) if len(w) >= 4}
 
 
+def _covers(answer_norm: str, q_words: set[str], text_norm: str, text_words: set[str], min_overlap: float) -> bool:
+    if not _has_phrase(answer_norm, text_norm):
+        return False
+    return not q_words or len(q_words & text_words) >= min_overlap * len(q_words)
+
+
 def covers(row: dict, text: str, min_overlap: float = 0.5) -> bool:
     """Whether a text can answer a QA row: the answer occurs in it (whole words) and at least
     `min_overlap` of the question's content words do too (so a bare year elsewhere does not count)."""
-    if not contains_answer(row["answer"], text):
-        return False
-    q = content_words(row["question"])
-    return not q or len(q & content_words(text)) >= min_overlap * len(q)
+    return _covers(_norm(row["answer"]), content_words(row["question"]), _norm(text), content_words(text), min_overlap)
+
+
+def coverage(qa: Sequence[dict], texts: Sequence[str], min_overlap: float = 0.5) -> list[set[int]]:
+    """Per text, the indices of the QA rows it covers (`covers`), each text normalised once."""
+    qs = [(_norm(r["answer"]), content_words(r["question"])) for r in qa]
+    out = []
+    for t in texts:
+        tn, tw = _norm(t), content_words(t)
+        out.append({i for i, (a, w) in enumerate(qs) if _covers(a, w, tn, tw, min_overlap)})
+    return out
 
 
 def answerable(qa: Sequence[dict], texts: Sequence[str]) -> list[int]:
     """Indices of the QA rows that one of the texts covers (`covers`): a heuristic of what a model trained on them can know."""
-    return [i for i, r in enumerate(qa) if any(covers(r, t) for t in texts)]
+    return sorted(set().union(*coverage(qa, texts))) if texts else []
 
 
 def pick_docs(qa: Sequence[dict], texts: Sequence[str], n: int) -> list[int]:
@@ -92,7 +107,7 @@ def pick_docs(qa: Sequence[dict], texts: Sequence[str], n: int) -> list[int]:
 
     Texts covering nothing new are not picked, so fewer than n may come back.
     """
-    cov = [{i for i, r in enumerate(qa) if covers(r, t)} for t in texts]
+    cov = coverage(qa, texts)
     done: set[int] = set()
     picked: list[int] = []
     for _ in range(n):
@@ -108,6 +123,17 @@ def verbmem_in(items: Sequence[dict], texts: Sequence[str], probe_chars: int = 2
     """Indices of verbmem rows whose true continuation starts (first `probe_chars` characters) inside one of the texts."""
     norm = [_norm(t) for t in texts]
     return [i for i, r in enumerate(items) if any(_norm(r["gt"][:probe_chars]) in t for t in norm)]
+
+
+def pair_auc(forget: Sequence[float], holdout: Sequence[float]) -> float:
+    """ROC AUC with forget = 0, holdout = 1 on "higher = non-member" scores, from all pairs: the share of
+    (forget, holdout) pairs with holdout > forget, ties counting 1/2 (the same number as metrics.mia_auc,
+    without sklearn's overhead: the bootstrap calls it a thousand times)."""
+    f, h = np.asarray(forget, dtype=np.float64), np.asarray(holdout, dtype=np.float64)
+    if f.size == 0 or h.size == 0:
+        return float("nan")
+    d = h[None, :] - f[:, None]
+    return float(((d > 0).sum() + 0.5 * (d == 0).sum()) / d.size)
 
 
 def _mean100(xs: Sequence[float]) -> float:
@@ -141,7 +167,7 @@ def summarize_muse(records: Sequence[dict], retain_auc: float | None = None, *,
     if retain_auc is not None:
         out["privleak"] = M.privleak(out["privleak_min_k_auc"], retain_auc)
         out["privleak_ci"] = list(bootstrap_interval(
-            [f, h], lambda a, b: M.privleak(M.mia_auc(list(a), list(b)), retain_auc), n_resamples, seed, level))
+            [f, h], lambda a, b: M.privleak(pair_auc(a, b), retain_auc), n_resamples, seed, level))
         out["privleak_retain_auc"] = retain_auc
     else:
         out["privleak"] = None
@@ -250,6 +276,7 @@ def evaluate_muse(
     self_reference: bool = False,
     max_examples: int | None = None,
     forget_texts: str | None = None,
+    max_length: int = MAX_LENGTH,
     batch_size: int = 8,
     dtype: str = "auto",
     use_cache: bool = True,
@@ -271,6 +298,9 @@ def evaluate_muse(
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if max_length < 2:
+        raise UserError(f"--max-length {max_length}: must be at least 2 (tokens of a privleak text scored)")
+    fmt = PromptFormat(use_chat_template=False, max_length=max_length)
     if dtype not in api.DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(api.DTYPES)}")
     specs = muse_suite(max_examples, forget_texts)
@@ -301,7 +331,7 @@ def evaluate_muse(
     t_load = time.time() - t0
     gen = C.GenSettings(KNOWMEM_NEW_TOKENS)
     if out is not None and not overwrite:
-        keys = {C.split_key(fp, s, gen, MUSE_FORMAT, lm.tokenizer) for s in specs}
+        keys = {C.split_key(fp, s, gen, fmt, lm.tokenizer) for s in specs}
         other = {r.get("key") for r in C.read_records(out / api.RECORDS_FILE)} - keys
         if other:
             raise UserError(f"--output {out}: its {api.RECORDS_FILE} holds records of another model or other "
@@ -311,7 +341,7 @@ def evaluate_muse(
         out.mkdir(parents=True, exist_ok=True)
         (out / api.RECORDS_FILE).unlink(missing_ok=True)
     t1 = time.time()
-    records = C.collect_records(lm.model, lm.tokenizer, specs, MUSE_FORMAT, gen, batch_size,
+    records = C.collect_records(lm.model, lm.tokenizer, specs, fmt, gen, batch_size,
                                 records_path=(out / api.RECORDS_FILE) if out is not None else None,
                                 use_cache=use_cache, model_fingerprint=fp, progress=progress)
     t_collect = time.time() - t1
@@ -327,7 +357,7 @@ def evaluate_muse(
         "retain_reference": "itself (the retain model)" if self_reference else (str(retain_records) if retain_records else None),
         **{f"n_examples_{s.name}": len(s.items) for s in specs},
         "verbmem_new_tokens": VERBMEM_NEW_TOKENS, "knowmem_new_tokens": KNOWMEM_NEW_TOKENS,
-        "max_length": MAX_LENGTH, "decoding": "greedy", "prompt": "raw text (no chat template)",
+        "max_length": max_length, "decoding": "greedy", "prompt": "raw text (no chat template)",
         "batch_size": batch_size, "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
         "precision": precision.as_dict(), "device": str(next(lm.model.parameters()).device),
         "min_k": C.scores.MIN_K, "time_load_s": round(t_load, 3), "time_collect_s": round(t_collect, 3),
