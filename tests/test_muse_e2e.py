@@ -102,3 +102,24 @@ def test_muse_demo_on_tiny_random(tmp_path, eval_cache):  # noqa: F811
     assert json.loads((tmp_path / "demo" / "eval" / "retain" / "summary.json").read_text())["privleak"] == 0.0
     md = (tmp_path / "demo" / "report.md").read_text()
     assert "## MUSE-News" in md and "KnowMem forget" in md
+
+
+def test_text_scores_match_one_forward_pass_and_ignore_batching(tiny):
+    import torch
+
+    from pmc_unlearn.evaluation.collect import text_scores
+    from pmc_unlearn.evaluation.scores import min_k_score
+
+    tok, model = tiny.tokenizer, tiny.model
+    a = text_scores(model, tok, TEXTS + ["Short one."], max_length=16, batch_size=1)
+    b = text_scores(model, tok, TEXTS + ["Short one."], max_length=16, batch_size=8)
+    for x, y in zip(a, b):
+        assert x["nll"] == pytest.approx(y["nll"], abs=1e-5) and x["mia_min_k"] == pytest.approx(y["mia_min_k"], abs=1e-5)
+    # by hand for the first text: tokens cut to 16, one forward pass, log p of tokens 1..15
+    ids = tok(TEXTS[0], add_special_tokens=False).input_ids[:16]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+    tok_lp = lp[torch.arange(15), torch.tensor(ids[1:])]
+    assert a[0]["n_tokens"] == 15 and a[0]["truncated"]
+    assert a[0]["nll"] == pytest.approx(float(-tok_lp.mean()), abs=1e-5)
+    assert a[0]["mia_min_k"] == pytest.approx(min_k_score(tok_lp), abs=1e-5)

@@ -26,15 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmc_unlearn.demo import (DEMO_VERSION, EVAL_DTYPES, Demo, Stage, _RATES, _deep_merge, _write_jsonl, digest,
-                              speed_scale)
+from pmc_unlearn.demo import DEMO_VERSION, EVAL_DTYPES, Demo, Stage, _RATES, _write_jsonl, digest, speed_scale
 from pmc_unlearn.errors import UserError
-from pmc_unlearn.precision import resolve_bf16, resolve_dtype
+from pmc_unlearn.precision import resolve_dtype
 
 BENCHMARK = "muse-news"
 MUSE_KEYS = {"forget_articles", "retain_texts"}
 MUSE_EVAL_KEYS = {"max_examples", "batch_size", "dtype", "max_length"}
-MUSE_BASELINES = ("npo",)
 
 
 def validate_muse_profile(p: dict[str, Any]) -> None:
