@@ -186,3 +186,17 @@ def test_pair_auc_matches_sklearn():
     assert MU.pair_auc(f, h) == pytest.approx(0.5)
     assert mia_auc(f, h) == pytest.approx(0.5)
     assert MU.pair_auc([1.0], [2.0, 0.0, 1.0]) == pytest.approx(0.5)  # (1 + 0 + 1/2) / 3
+
+
+def test_muse_profiles_validate():
+    from pmc_unlearn import demo as D
+
+    for name in ("muse-quick", "muse-test"):
+        p = D.load_profile(name)
+        assert p["benchmark"] == "muse-news" and p["unlearn"]["pmc"] and D.demo_class(p).__name__ == "MuseDemo"
+    with pytest.raises(UserError, match=r"muse.forget_articles=0: a number of texts, 1 to 888"):
+        D.load_profile("muse-quick", ["muse.forget_articles=0"])
+    with pytest.raises(UserError, match="evaluate.forget: unknown key for a muse-news profile"):
+        D.load_profile("muse-quick", ["evaluate.forget=3"])
+    with pytest.raises(UserError, match="benchmark='nope': choose tofu"):
+        D.load_profile("quick", ["benchmark=nope"])
