@@ -114,6 +114,11 @@ def _run_muse(args: argparse.Namespace) -> int:
         dtype=args.dtype, use_cache=not args.no_cache, overwrite=args.overwrite, progress=not args.no_progress,
     )
 
+    from pmc_unlearn.evaluation.collect import _dist
+
+    if _dist()[0] != 0:  # under accelerate launch only the main process reports
+        return 0
+
     def f(k: str) -> str:
         v, ci = s.get(k), s.get(f"{k}_ci")
         if v is None:

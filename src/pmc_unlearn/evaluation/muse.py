@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -321,6 +322,10 @@ def evaluate_muse(
         have = next(lm.model.parameters())
         precision = Precision(str(have.dtype).removeprefix("torch."), have.dtype == torch.bfloat16, "the caller's loaded model")
     elif isinstance(model, str):
+        if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: this rank's device
+            from accelerate import PartialState
+
+            device = str(PartialState().device)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         precision = resolve_dtype(dtype, device, "--dtype")
         lm = load_model(model, dtype=precision.dtype, device=device)
@@ -336,10 +341,12 @@ def evaluate_muse(
         if other:
             raise UserError(f"--output {out}: its {api.RECORDS_FILE} holds records of another model or other "
                             "settings; choose another --output or pass --overwrite")
+    rank, world = C._dist()
+    if out is not None and rank == 0:  # several processes (accelerate launch): the main one writes
         out.mkdir(parents=True, exist_ok=True)
-    elif out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / api.RECORDS_FILE).unlink(missing_ok=True)
+        if overwrite:
+            (out / api.RECORDS_FILE).unlink(missing_ok=True)
+    C._barrier(world)
     t1 = time.time()
     records = C.collect_records(lm.model, lm.tokenizer, specs, fmt, gen, batch_size,
                                 records_path=(out / api.RECORDS_FILE) if out is not None else None,
@@ -364,7 +371,7 @@ def evaluate_muse(
         "git_commit": api._git_hash(), **api._versions(),
     })
     summary = api._json_safe(summary)
-    if out is not None:
+    if out is not None and rank == 0:
         C.write_records(records, out / api.RECORDS_FILE)
         (out / api.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         log.info("wrote %s and %s in %s", api.RECORDS_FILE, api.SUMMARY_FILE, out)
