@@ -54,7 +54,9 @@ class DataConfig:
     use_chat_template: bool = opt(True, "use the tokenizer's chat template when it has one (else 'Question: {q}\\nAnswer: {a}')")
     system_prompt: str | None = opt(None, "system prompt for chat templates (null: the template's default)")
     max_length: int = opt(200, "max prompt + answer tokens (the authors' 200); longer answers are cut and counted", min=8)
-    max_forget: int = opt(0, "use only the first N forget questions (0: all)", min=0)
+    max_forget: int = opt(0, "use only the first N forget questions (0: all; text sources: the first N documents)", min=0)
+    text_prefix_tokens: int = opt(32, "text sources (plain documents, e.g. muse-news:forget): tokens of each chunk's prefix, "
+                                      "PMC's 'question' (chunks are data.max_length tokens; docs/muse.md)", min=1)
 
 
 @dataclass

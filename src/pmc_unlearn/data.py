@@ -3,6 +3,8 @@
 A *source* is one string:
 - `tofu:<split>`: the TOFU splits bundled with the package (no download), e.g. `tofu:forget01`,
   `tofu:retain99`, `tofu:forget01_perturbed`, `tofu:real_authors`, `tofu:idontknow`.
+- `muse-news:<split>`: the MUSE-News files bundled with the package (CC BY 4.0), e.g.
+  `muse-news:forget` (raw articles), `muse-news:retain`, `muse-news:knowmem_forget`.
 - a local file: `.json` (a JSON array, an object with a list under "data", or the "chunked"
   layout of several arrays one per line), `.jsonl`, `.csv`, `.parquet`.
 - anything else is taken as a Hugging Face hub dataset name (needs network and `datasets`);
@@ -15,6 +17,10 @@ Every file is checked before any work starts: UTF-8 text, one object per row, th
 answer) columns holding non-empty strings, a file under `MAX_FILE_BYTES` and texts under
 `MAX_TEXT_CHARS`; anything else is a `UserError` naming the file and the row. (That a question
 fits the model's context is checked with the tokenizer: `trainer.check_lengths`.)
+
+A source whose rows have a `text` column and no question column is a *text* source (plain
+documents, e.g. MUSE-News articles): its rows come back as `{"text": ...}` and training turns
+them into token chunks (formatting.split_text_rows; docs/muse.md).
 """
 
 from __future__ import annotations
@@ -43,6 +49,21 @@ _TOFU_ALIASES = {"prompt": "question", "response": "answer"}
 AUTHOR_SIZE = 20  # TOFU: 20 consecutive rows per fictitious author
 MAX_FILE_BYTES = 4 * 2**30  # a QA file larger than this is almost surely not one
 MAX_TEXT_CHARS = 50_000  # a question or answer longer than this is no QA pair (and would not fit a context)
+
+
+# MUSE-News: source split -> (file under assets/muse-news, what a row is). String rows become {"text": ...}.
+MUSE_SPLITS = {
+    "forget": "raw/forget.json",
+    "retain": "privleak/retain2.json",  # stands in for the raw retain2 corpus (missing upstream)
+    "holdout": "privleak/holdout.json",  # stands in for the raw holdout corpus (missing upstream)
+    "privleak_forget": "privleak/forget.json",
+    "verbmem": "verbmem/forget.json",
+    "knowmem_forget": "knowmem/forget_qa.json",
+    "knowmem_retain": "knowmem/retain2_qa.json",
+    "knowmem_forget_icl": "knowmem/forget_qa_icl.json",
+    "knowmem_retain_icl": "knowmem/retain2_qa_icl.json",
+}
+TEXT_KEY = "text"
 
 
 def tofu_dir() -> Path:
@@ -141,6 +162,23 @@ def _tofu_rows(split: str) -> list[Row]:
     return [{_TOFU_ALIASES.get(k, k): v for k, v in r.items()} for r in rows]
 
 
+def muse_dir() -> Path:
+    """Folder of the bundled MUSE-News files (CC BY 4.0, see LICENSE and SOURCE.md there)."""
+    return Path(str(resources.files("pmc_unlearn") / "assets" / "muse-news"))
+
+
+def _muse_rows(split: str) -> list[Row]:
+    if split not in MUSE_SPLITS:
+        raise UserError(f"muse-news:{split}: unknown MUSE-News split; choose one of: {', '.join(MUSE_SPLITS)}")
+    rows = _read_json(muse_dir() / MUSE_SPLITS[split])
+    return [{TEXT_KEY: r} if isinstance(r, str) else dict(r) for r in rows]
+
+
+def is_text_row(row: Row) -> bool:
+    """A plain document (a `text` and no question), as opposed to a question/answer pair."""
+    return TEXT_KEY in row and "question" not in row
+
+
 def _hub_rows(name: str) -> list[Row]:
     repo, _, config = name.partition(":")
     if repo == TOFU_HUB_NAME:
@@ -163,6 +201,8 @@ def load_rows(source: str) -> list[Row]:
     """Raw rows of a source, columns as stored."""
     if source.startswith("tofu:"):
         return _tofu_rows(source.split(":", 1)[1])
+    if source.startswith("muse-news:"):
+        return _muse_rows(source.split(":", 1)[1])
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir():
@@ -179,12 +219,20 @@ def load_qa(
     answer_key: str = "answer",
     require_answers: bool = True,
     role: str = "data",
+    allow_text: bool = False,
 ) -> list[Row]:
-    """Rows with `question` (and `answer`) renamed from the configured columns; other columns kept."""
+    """Rows with `question` (and `answer`) renamed from the configured columns; other columns kept.
+
+    With `allow_text` (training data), a source of plain documents (a `text` column, no question
+    column) comes back as text rows `{"text": ...}`; otherwise it is refused for lacking questions.
+    """
     rows = load_rows(source)
     if not rows:
         raise UserError(f"{role} source {source} is empty; point it at a file with at least one row")
     first = rows[0]
+    if allow_text and isinstance(first, dict) and TEXT_KEY in first and question_key not in first and not any(
+            a in first for a, b in _TOFU_ALIASES.items() if b == question_key):
+        return _text_rows(rows, source, role)
     qk = question_key if question_key in first else next((a for a, b in _TOFU_ALIASES.items() if b == question_key and a in first), question_key)
     if qk not in first:
         raise UserError(
@@ -220,6 +268,27 @@ def load_qa(
     return out
 
 
+def _text_rows(rows: list[Row], source: str, role: str) -> list[Row]:
+    """Rows of a text source as {"text": ...} (other columns kept); empty documents are skipped with a warning.
+
+    (MUSE-News's raw/forget.json holds one empty string, row 821.)
+    """
+    import logging
+
+    out, empty = [], []
+    for i, r in enumerate(rows):
+        t = r.get(TEXT_KEY)
+        if not isinstance(t, str):
+            raise UserError(f"{role} source {source}: row {i} has no '{TEXT_KEY}' string")
+        (out.append(dict(r)) if t.strip() else empty.append(i))
+    if empty:
+        logging.getLogger(__name__).warning("%s source %s: skipping %d empty documents (rows %s)", role, source,
+                                            len(empty), ", ".join(map(str, empty[:5])))
+    if not out:
+        raise UserError(f"{role} source {source}: every '{TEXT_KEY}' is empty; point it at a file with text")
+    return out
+
+
 def read_jsonl_dicts(path: Path, warn: bool = False) -> list[Row]:
     """Objects of an append-only JSON-lines file (records, logs); a line cut by a killed write is skipped."""
     import logging
@@ -245,13 +314,16 @@ def read_jsonl_dicts(path: Path, warn: bool = False) -> list[Row]:
 
 
 def overlap_report(forget: list[Row], retain: list[Row]) -> tuple[int, int]:
-    """(duplicate questions within forget, forget questions also present in retain).
+    """(duplicate questions within forget, forget questions also present in retain); texts for text rows.
 
     Duplicates are counted as extra copies: a question given k times adds k - 1 (questions are
     compared after stripping surrounding whitespace). Training keeps every copy as a question of
     its own, so a question given k times weighs k times as much.
     """
-    fq = [r["question"].strip() for r in forget]
-    rq = {r["question"].strip() for r in retain}
+    def key(r: Row) -> str:
+        return (r.get("question") or r.get(TEXT_KEY) or "").strip()
+
+    fq = [key(r) for r in forget]
+    rq = {key(r) for r in retain}
     dup = len(fq) - len(set(fq))
     return dup, sum(1 for q in set(fq) if q in rq)

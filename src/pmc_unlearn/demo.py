@@ -57,8 +57,9 @@ from pmc_unlearn.precision import resolve_bf16, resolve_dtype
 log = logging.getLogger(__name__)
 
 DEMO_VERSION = 1  # bump when a stage's meaning changes: every cached stage is redone
-PROFILES = ("quick", "default")  # shown in --help; "test" (tiny-random, seconds) is for the test suite
-PROFILE_KEYS = {"description", "model", "prompt", "authors", "finetune", "unlearn", "evaluate", "attacks", "report"}
+PROFILES = ("quick", "default", "muse-quick")  # shown in --help; "test"/"muse-test" (tiny-random) are for the tests
+PROFILE_KEYS = {"description", "model", "prompt", "authors", "finetune", "unlearn", "evaluate", "attacks", "report",
+                "benchmark", "muse"}
 PROMPT_KEYS = {"use_chat_template", "system_prompt"}
 EVAL_KEYS = {"max_new_tokens", "batch_size", "forget", "retain", "real_authors", "world_facts", "holdout", "dtype", "base"}
 EVAL_DTYPES = ("auto", "float32", "bfloat16")
@@ -135,6 +136,13 @@ def validate_profile(p: dict[str, Any]) -> None:
     unknown = set(p) - PROFILE_KEYS - {"profile"}
     if unknown:
         raise UserError(f"demo profile: unknown key '{sorted(unknown)[0]}'; known: {', '.join(sorted(PROFILE_KEYS))}")
+    bench = p.get("benchmark", "tofu")
+    if bench == "muse-news":  # the MUSE-News demo (demo_muse.py)
+        from pmc_unlearn.demo_muse import validate_muse_profile
+
+        return validate_muse_profile(p)
+    if bench != "tofu":
+        raise UserError(f"benchmark={bench!r}: choose tofu (the default) or muse-news")
     for sec in ("authors", "finetune", "unlearn", "evaluate"):
         if not isinstance(p.get(sec), dict):
             raise UserError(f"demo profile: section '{sec}' is missing or not a mapping")
@@ -691,6 +699,12 @@ class Demo:
         return run
 
     # ----- running --------------------------------------------------------------------------------
+    def _data_info(self) -> dict[str, Any]:
+        return {"retain_authors": self.data.retain_authors, "forget_authors": self.data.forget_authors,
+                "target_rows": sum(1 for _ in self.data.target_file.open()),
+                "retain_rows": sum(1 for _ in self.data.retain_file.open()),
+                "retain_eval_rows": len([s for s in self.specs if s.name == "retain"][0].items)}
+
     def _line(self, msg: str) -> None:
         print(msg, file=self.stream, flush=True)
 
@@ -722,10 +736,7 @@ class Demo:
         demo = {"profile": self.p["profile"], "profile_settings": {k: v for k, v in self.p.items() if k != "profile"},
                 "demo_version": DEMO_VERSION, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "load_avg_start": list(os.getloadavg()), "stages": [], "notes": list(self.notes),
-                "data": {"retain_authors": self.data.retain_authors, "forget_authors": self.data.forget_authors,
-                         "target_rows": sum(1 for _ in self.data.target_file.open()),
-                         "retain_rows": sum(1 for _ in self.data.retain_file.open()),
-                         "retain_eval_rows": len([s for s in self.specs if s.name == "retain"][0].items)}}
+                "data": self._data_info()}
         from pmc_unlearn.rundir import hardware, versions
 
         demo["versions"], demo["hardware"] = versions(), hardware()
@@ -869,10 +880,19 @@ def run_attack_suite(model: str, out: Path, forget_split: str, settings: dict[st
 
 # ----------------------------------------------------------------------------- entry point
 
+def demo_class(prof: dict[str, Any]) -> type[Demo]:
+    """Demo for TOFU profiles, demo_muse.MuseDemo for `benchmark: muse-news` ones."""
+    if prof.get("benchmark") == "muse-news":
+        from pmc_unlearn.demo_muse import MuseDemo
+
+        return MuseDemo
+    return Demo
+
+
 def run_demo(profile: str = "default", output: str | Path = "demo_out", overrides: list[str] | None = None,
              progress: bool = True, stream=None) -> dict[str, Any]:
     prof = load_profile(profile, overrides)
-    demo = Demo(prof, Path(output), progress=progress, stream=stream)
+    demo = demo_class(prof)(prof, Path(output), progress=progress, stream=stream)
     return demo.run()  # (builds the stages once it holds the folder's lock)
 
 
@@ -882,7 +902,7 @@ def plan(profile: str = "default", overrides: list[str] | None = None) -> dict[s
 
     prof = load_profile(profile, overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        d = Demo(prof, Path(tmp))
+        d = demo_class(prof)(prof, Path(tmp))
         d.build()
         return {"profile": prof, "stages": [{"name": s.name, "key": s.key, "est_s": round(s.est_s),
                                              **({"skip": s.skip_reason} if s.skip_reason else {})} for s in d.stages]}

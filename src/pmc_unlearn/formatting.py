@@ -7,6 +7,14 @@
   and padding positions, so the loss covers answer tokens only (padding is marked by length,
   never by comparing with pad_token_id, which equals EOS for many models).
 - Generation batches are left-padded.
+
+Text rows (plain documents, `{"text": ...}`: MUSE-News articles) have no question and no
+template: `split_text_rows` cuts each document into chunks of at most `max_length` tokens and
+gives each chunk a prefix of `prefix_tokens` tokens. `encode_row` turns a chunk into a plain
+language-modelling example (every token after the first is a label; no chat template, no
+EOS), and `row_prompt_ids` gives its prefix as the "question" that PMC continues. QA rows go
+through the same two functions unchanged, so methods call them without asking which kind a
+row is (docs/muse.md).
 """
 
 from __future__ import annotations
@@ -76,6 +84,98 @@ def fit_length(p: list[int], a: list[int], max_length: int) -> Example:
     """Cut the answer so prompt + answer <= max_length (at least one answer token is kept)."""
     room = max(1, max_length - len(p))
     return Example(p, a[:room], truncated=len(a) > room)
+
+
+# ----------------------------------------------------------------------------- text rows
+
+TEXT_PREFIX_TOKENS = 32  # default prefix ("question") length of a text chunk for PMC
+
+
+def chunk_spans(n_tokens: int, size: int, min_tokens: int = 2) -> list[tuple[int, int]]:
+    """[start, end) spans cutting n_tokens into consecutive pieces of at most `size` tokens.
+
+    A last piece shorter than `min_tokens` is dropped (it holds nothing to predict after a prefix).
+    """
+    if size < 1:
+        raise ValueError(f"chunk size {size} < 1")
+    spans = [(a, min(a + size, n_tokens)) for a in range(0, n_tokens, size)]
+    return [(a, b) for a, b in spans if b - a >= min_tokens]
+
+
+def text_start_ids(tokenizer) -> list[int]:
+    """Tokens before a document's first token: BOS where the tokenizer adds one, else none."""
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        return [tokenizer.bos_token_id]
+    return []
+
+
+def split_text_rows(tokenizer, rows: list[dict], max_length: int, prefix_tokens: int = TEXT_PREFIX_TOKENS,
+                    prefix_only: bool = False) -> list[dict]:
+    """Text rows cut into token chunks; QA rows pass through unchanged (in order).
+
+    Each chunk row: `text` (the chunk decoded), `ids` (its tokens), `prefix_len` (tokens of its
+    PMC prompt: min(prefix_tokens, len - 1)), `doc` and `chunk` (where it came from). With
+    `prefix_only` (methods that must not hold the forget texts) a chunk keeps only its prefix.
+    """
+    from pmc_unlearn.data import is_text_row
+
+    size = max(2, max_length - len(text_start_ids(tokenizer)))
+    out = []
+    for d, r in enumerate(rows):
+        if not is_text_row(r):
+            out.append(r)
+            continue
+        ids = tokenizer(r["text"], add_special_tokens=False).input_ids
+        for c, (a, b) in enumerate(chunk_spans(len(ids), size)):
+            piece = ids[a:b]
+            k = min(prefix_tokens, len(piece) - 1)
+            if prefix_only:
+                piece = piece[:k]
+            out.append({"text": tokenizer.decode(piece), "ids": piece, "prefix_len": k, "doc": d, "chunk": c})
+    return out
+
+
+def _text_ids(tokenizer, row: dict) -> list[int]:
+    return list(row["ids"]) if "ids" in row else tokenizer(row["text"], add_special_tokens=False).input_ids
+
+
+def encode_text(tokenizer, ids: list[int], max_length: int) -> Example:
+    """A document as one language-modelling example: every token is a label except the first.
+
+    The prompt is the start token(s) when the tokenizer has them, else the first token itself
+    (nothing predicts it either way), so no example has an empty prompt.
+    """
+    start = text_start_ids(tokenizer)
+    if not start:
+        start, ids = ids[:1], ids[1:]
+    return fit_length(start, ids, max_length)
+
+
+def encode_row(tokenizer, row: dict, fmt: PromptFormat, answer: str | None = None) -> Example:
+    """One training example from a data row: a QA pair (`encode_pair`) or a text chunk (`encode_text`).
+
+    `answer` replaces the row's answer (a refusal, say); for a text row it then follows the
+    chunk's prefix as plain text.
+    """
+    from pmc_unlearn.data import is_text_row
+
+    if not is_text_row(row):
+        return encode_pair(tokenizer, row["question"], row["answer"] if answer is None else answer, fmt)
+    if answer is None:
+        return encode_text(tokenizer, _text_ids(tokenizer, row), fmt.max_length)
+    return fit_length(row_prompt_ids(tokenizer, row, fmt), tokenizer(" " + answer, add_special_tokens=False).input_ids,
+                      fmt.max_length)
+
+
+def row_prompt_ids(tokenizer, row: dict, fmt: PromptFormat) -> list[int]:
+    """The prompt of a row: the templated question, or a text chunk's start token(s) + prefix."""
+    from pmc_unlearn.data import is_text_row
+
+    if not is_text_row(row):
+        return prompt_ids(tokenizer, row["question"], fmt)
+    ids = _text_ids(tokenizer, row)
+    k = row.get("prefix_len", min(TEXT_PREFIX_TOKENS, max(1, len(ids) - 1)))
+    return text_start_ids(tokenizer) + ids[:k]
 
 
 def collate_train(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -33,9 +33,9 @@ import torch
 from pmc_unlearn import rundir
 from pmc_unlearn.config import RunConfig, dump_config
 from pmc_unlearn.cpu import PeakMemory, adapt_threads
-from pmc_unlearn.data import load_qa, overlap_report
+from pmc_unlearn.data import is_text_row, load_qa, overlap_report
 from pmc_unlearn.errors import TrainingDiverged, UserError
-from pmc_unlearn.formatting import PromptFormat
+from pmc_unlearn.formatting import PromptFormat, split_text_rows
 from pmc_unlearn.methods import METHODS
 from pmc_unlearn.methods.base import Method, RunContext, derive_seed
 from pmc_unlearn.models import apply_lora, fingerprint, load_model, save_model
@@ -144,15 +144,17 @@ def _set_rng_state(s: dict[str, Any]) -> None:
 
 def load_data(cfg: RunConfig, method: Method) -> tuple[list[dict], list[dict]]:
     d = cfg.data
-    primary = load_qa(d.forget, d.question_key, d.answer_key, require_answers=method.uses_primary_answers, role="forget")
+    primary = load_qa(d.forget, d.question_key, d.answer_key, require_answers=method.uses_primary_answers, role="forget",
+                      allow_text=True)
     if not method.uses_primary_answers:
         # The privacy promise: methods that need only the questions never hold the answers.
-        primary = [{"question": r["question"]} for r in primary]
+        # (Text rows are cut to their prefixes by `chunk_rows` once the tokenizer is loaded.)
+        primary = [r if is_text_row(r) else {"question": r["question"]} for r in primary]
     if d.max_forget:
         primary = primary[: d.max_forget]
     retain: list[dict] = []
     if method.uses_retain:
-        retain = load_qa(d.retain, d.question_key, d.answer_key, require_answers=True, role="retain")
+        retain = load_qa(d.retain, d.question_key, d.answer_key, require_answers=True, role="retain", allow_text=True)
         dup, overlap = overlap_report(primary, retain)
         if dup:
             log.warning("forget set has %d repeated questions (copies beyond a question's first): every copy is a "
@@ -199,11 +201,13 @@ def check_lengths(cfg: RunConfig, primary: list[dict], retain: list[dict]) -> No
     tok = load_tokenizer(cfg.model.name)
     fmt = PromptFormat(cfg.data.use_chat_template, cfg.data.system_prompt, limit)
     overhead = len(prompt_ids(tok, "x", fmt)) - len(tok("x", add_special_tokens=False)["input_ids"])
-    for role, source, rows in (("forget", cfg.data.forget, primary), ("retain", cfg.data.retain, retain)):
+    for role, source, all_rows in (("forget", cfg.data.forget, primary), ("retain", cfg.data.retain, retain)):
+        # text rows (documents) are cut into chunks that fit data.max_length (chunk_rows): nothing to check
+        rows = {i: r for i, r in enumerate(all_rows) if not is_text_row(r)}
         if not rows:
             continue
-        lengths = [len(x) for x in tok([r["question"] for r in rows], add_special_tokens=False)["input_ids"]]
-        for i, n in enumerate(lengths):
+        lengths = dict(zip(rows, (len(x) for x in tok([r["question"] for r in rows.values()], add_special_tokens=False)["input_ids"])))
+        for i, n in lengths.items():
             if n + overhead < limit - 4:  # clearly fits (the exact prompt is built only near the limit)
                 continue
             n_prompt = len(prompt_ids(tok, rows[i]["question"], fmt))
@@ -213,6 +217,26 @@ def check_lengths(cfg: RunConfig, primary: list[dict], retain: list[dict]) -> No
                     f"an answer within data.max_length={limit}"
                     + (f" (the model's context: {context})" if context else "")
                     + "; shorten the question or raise data.max_length")
+
+
+def chunk_rows(cfg: RunConfig, method: Method, tokenizer, primary: list[dict], retain: list[dict]):
+    """Text rows (plain documents) cut into chunks of data.max_length tokens; QA rows unchanged.
+
+    Methods that never read the forget answers (PMC) keep only each forget chunk's prefix.
+    """
+    d = cfg.data
+    if not any(is_text_row(r) for r in primary + retain):
+        return primary, retain
+    n_docs = sum(map(is_text_row, primary))
+    primary = split_text_rows(tokenizer, primary, d.max_length, d.text_prefix_tokens,
+                              prefix_only=not method.uses_primary_answers)
+    retain = split_text_rows(tokenizer, retain, d.max_length, d.text_prefix_tokens)
+    if n_docs:
+        log.info("forget texts: %d documents -> %d chunks of at most %d tokens (prefix %d tokens)",
+                 n_docs, len(primary), d.max_length, d.text_prefix_tokens)
+    if not primary:
+        raise UserError(f"forget source {d.forget}: no text chunk of at least 2 tokens; check the data")
+    return primary, retain
 
 
 def make_accelerator():
@@ -318,6 +342,9 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
                                targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
         model.train()
 
+    primary, retain = chunk_rows(cfg, method, tok, primary, retain)
+    plan = Plan(len(primary), acc.num_processes, cfg.train.batch_size, cfg.train.grad_accum,
+                cfg.train.epochs, cfg.train.max_steps, cfg.train.warmup_epochs)
     schedule = plan.micro_schedule()
     total = plan.total_steps
     method.configure_model(model)  # e.g. RMU freezes weights: before AdamW and DDP see them

@@ -12,8 +12,8 @@ import json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="default",
-                   help="quick (2 TOFU authors, short runs), default (5 authors, more steps), or a YAML profile "
-                        "file; measured times in docs/demo.md")
+                   help="quick (2 TOFU authors, short runs), default (5 authors, more steps), muse-quick (MUSE-News "
+                        "articles, docs/muse.md), or a YAML profile file; measured times in docs/demo.md")
     p.add_argument("--output", default="demo_out", help="demo folder (created; a rerun reuses finished stages)")
     p.add_argument("--plan", action="store_true", help="print the profile and the stages with their keys, run nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (stage lines are still printed)")
@@ -44,10 +44,13 @@ def _print_headline(output: str) -> None:
     from pmc_unlearn.report.gather import gather
     from pmc_unlearn.report.render import HEADLINE, fmt
 
+    from pmc_unlearn.report.render import MUSE
+
     data = gather([output])
-    cols = ["model", *[k for k, _, _ in HEADLINE[:4]], "train_s"]
+    muse = any(k in m.summary for m in data.models for k, _ in MUSE)  # a muse-news demo: MUSE's columns
+    heads = [(k, "pct") for k, _ in MUSE] if muse else [(k, f) for k, _, f in HEADLINE[:4]]
+    cols = ["model", *[k for k, _ in heads], "train_s"]
     print("  ".join(f"{c:>16}" for c in cols))
     for m in data.models:
-        vals = [m.label + ("*" if m.is_pmc else ""), *[fmt(m.metric(k), f) for k, _, f in HEADLINE[:4]],
-                fmt(m.train_time_s, "s")]
+        vals = [m.label + ("*" if m.is_pmc else ""), *[fmt(m.metric(k), f) for k, f in heads], fmt(m.train_time_s, "s")]
         print("  ".join(f"{v:>16}" for v in vals))

@@ -77,6 +77,13 @@ def execute(args, cfg, defaults_note: str = "") -> int:
     check_causal_lm(cfg.model.name)
     check_lengths(cfg, primary, retain)
     if args.dry_run:
+        from pmc_unlearn.data import is_text_row
+
+        if any(is_text_row(r) for r in primary + retain):  # text sources: the plan counts chunks
+            from pmc_unlearn.models import load_tokenizer
+            from pmc_unlearn.trainer import chunk_rows
+
+            primary, retain = chunk_rows(cfg, method, load_tokenizer(cfg.model.name), primary, retain)
         plan = Plan(len(primary), 1, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs,
                     cfg.train.max_steps, cfg.train.warmup_epochs)
         print(json.dumps({"config": cfg.to_dict(), "plan": {

@@ -1,4 +1,5 @@
-"""`pmc-unlearn eval`: evaluate a model on TOFU (both metric families), see docs/evaluation.md.
+"""`pmc-unlearn eval`: evaluate a model on TOFU (both metric families, docs/evaluation.md) or on
+MUSE-News (`--benchmark muse-news`: VerbMem, KnowMem, PrivLeak; docs/muse.md).
 
 Kept light at import time (argparse only): `pmc-unlearn --help` imports every command module.
 """
@@ -13,12 +14,20 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model alias (tiny-random, smollm2-135m), save_pretrained folder or hub id")
-    p.add_argument("--forget-split", required=True, choices=("forget01", "forget05", "forget10"),
-                   help="TOFU forget split; the holdout split for MIA follows it (holdout01/05/10)")
+    p.add_argument("--benchmark", default="tofu", choices=("tofu", "muse-news"),
+                   help="tofu (default) or muse-news (VerbMem, KnowMem forget/retain, PrivLeak; docs/muse.md)")
+    p.add_argument("--forget-split", default=None, choices=("forget01", "forget05", "forget10"),
+                   help="TOFU forget split (required with --benchmark tofu); the holdout split for MIA follows it")
+    p.add_argument("--forget-texts", default=None,
+                   help="muse-news only: the forget articles the model was trained on when it saw only part of "
+                        "muse-news:forget (a text source); VerbMem and KnowMem-forget then run on the items they cover")
     p.add_argument("--output", required=True, help="folder for records.jsonl, summary.json, TOFU_EVAL.json, TOFU_SUMMARY.json")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="muse-news only: tokens of each privleak text scored (default 2048; longer texts are cut and counted)")
     p.add_argument("--retain-records", default=None,
                    help="the retain model's results on the same forget split: our records.jsonl (or its run folder) "
-                        "or open-unlearning's TOFU_EVAL.json; needed for forget_quality and privleak")
+                        "or open-unlearning's TOFU_EVAL.json; needed for forget_quality and privleak "
+                        "(muse-news: the records.jsonl of its muse-news eval)")
     p.add_argument("--no-forget-quality", action="store_true",
                    help="run without --retain-records: forget_quality and privleak are reported as null, with a note")
     p.add_argument("--max-examples", type=int, default=None, help="only the first N examples of each split (smoke tests)")
@@ -51,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--retain-records and --no-forget-quality contradict each other; pass one of them")
     if args.max_examples is not None and args.max_examples < 1:
         raise UserError(f"--max-examples {args.max_examples}: must be at least 1 (or left out for every example)")
+    if args.benchmark == "muse-news":
+        return _run_muse(args)
+    if args.forget_split is None:
+        raise UserError("--forget-split is required with --benchmark tofu: choose forget01, forget05 or forget10")
+    if args.forget_texts is not None or args.max_length is not None:
+        raise UserError("--forget-texts and --max-length are for --benchmark muse-news; leave them out for TOFU")
     from pmc_unlearn.models import saved_prompt_format
 
     fmt = PromptFormat(use_chat_template=not args.plain_prompt, system_prompt=args.system_prompt,
@@ -82,4 +97,39 @@ def run(args: argparse.Namespace) -> int:
           f"mia_min_k_auc={f('mia_min_k_auc')} privleak={f('privleak')} | written to {args.output}")
     if s.get("forget_quality_note"):
         print(f"note: {s['forget_quality_note']}")
+    return 0
+
+
+def _run_muse(args: argparse.Namespace) -> int:
+    from pmc_unlearn.errors import UserError
+    from pmc_unlearn.evaluation.muse import evaluate_muse
+
+    for flag, bad in (("--forget-split", args.forget_split is not None), ("--plain-prompt", args.plain_prompt),
+                      ("--system-prompt", args.system_prompt is not None), ("--retain-sample", args.retain_sample != "perturbed"),
+                      ("--max-new-tokens", args.max_new_tokens != 200)):
+        if bad:
+            raise UserError(f"{flag} is a TOFU option; MUSE-News uses raw-text prompts and its own limits "
+                            "(128 tokens for VerbMem, 32 for KnowMem): leave it out with --benchmark muse-news")
+    s = evaluate_muse(
+        args.model, args.output, retain_records=args.retain_records, require_privleak=not args.no_forget_quality,
+        max_examples=args.max_examples, forget_texts=args.forget_texts, batch_size=args.batch_size,
+        **({"max_length": args.max_length} if args.max_length is not None else {}),
+        dtype=args.dtype, use_cache=not args.no_cache, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+
+    from pmc_unlearn.evaluation.collect import _dist
+
+    if _dist()[0] != 0:  # under accelerate launch only the main process reports
+        return 0
+
+    def f(k: str) -> str:
+        v, ci = s.get(k), s.get(f"{k}_ci")
+        if v is None:
+            return "null"
+        return f"{v:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci and None not in ci else "")
+
+    print(f"verbmem_forget={f('verbmem_forget')} knowmem_forget={f('knowmem_forget')} "
+          f"knowmem_retain={f('knowmem_retain')} privleak={f('privleak')} | written to {args.output}")
+    if s.get("privleak_note"):
+        print(f"note: {s['privleak_note']}")
     return 0

@@ -78,6 +78,12 @@ class SplitSpec:
     items: list[EvalItem]
     nll: bool = True  # answer / paraphrase / perturbed NLL, EM, ES and MIA scores
     generate: bool = True  # greedy generation and ROUGE
+    # "qa": the question goes through the prompt format. "text" (MUSE-News): the question is raw
+    # text continued as is (no template), and the NLL part scores the answer as a plain document
+    # (its NLL and Min-K%, no question).
+    mode: str = "qa"
+    max_new_tokens: int | None = None  # this split's generation limit (None: the run's GenSettings)
+    first_line: bool = False  # cut the generation at its first line break (KnowMem's one-line answers)
 
 
 @dataclass(frozen=True)
@@ -429,7 +435,12 @@ def _compute_items(model, tokenizer, work: list[tuple[SplitSpec, EvalItem]], fmt
     """
     recs: list[Record] = [{"split": sp.name, "source": sp.source, "index": it.index, "question": it.question,
                            "answer": it.answer, **it.extra} for sp, it in work]
-    nll_at = [k for k, (sp, _) in enumerate(work) if sp.nll]
+    text_at = [k for k, (sp, _) in enumerate(work) if sp.nll and sp.mode == "text"]
+    if text_at:
+        res = text_scores(model, tokenizer, [work[k][1].answer for k in text_at], fmt.max_length, batch_size)
+        for k, d in zip(text_at, res):
+            recs[k].update(d)
+    nll_at = [k for k, (sp, _) in enumerate(work) if sp.nll and sp.mode != "text"]
     if nll_at:
         # per item: the answer (with stats), the paraphrase, the perturbed answers; one prompt pass each
         items = [work[k][1] for k in nll_at]
@@ -445,13 +456,74 @@ def _compute_items(model, tokenizer, work: list[tuple[SplitSpec, EvalItem]], fmt
                 n = 2
             if it.pert_answers:
                 r["pert_nll"] = [d["nll"] for d in ds[n:]]
-    gen_at = [k for k, (sp, _) in enumerate(work) if sp.generate]
-    if gen_at:
-        gens = generate_greedy(model, tokenizer, [work[k][1].question for k in gen_at], fmt, gen.max_new_tokens, batch_size)
+    groups: dict[tuple[str, int], list[int]] = {}  # (mode, new-token limit) -> positions in work
+    for k, (sp, _) in enumerate(work):
+        if sp.generate:
+            groups.setdefault((sp.mode, sp.max_new_tokens or gen.max_new_tokens), []).append(k)
+    for (mode, limit), gen_at in groups.items():
+        if mode == "text":
+            gens = generate_greedy_ids(model, tokenizer, [text_prompt_ids(tokenizer, work[k][1].question) for k in gen_at],
+                                       limit, batch_size)
+        else:
+            gens = generate_greedy(model, tokenizer, [work[k][1].question for k in gen_at], fmt, limit, batch_size)
         for k, g in zip(gen_at, gens):
-            recs[k].update(generation=g.text, gen_tokens=g.n_tokens, gen_hit_limit=g.hit_limit,
-                           max_new_tokens=gen.max_new_tokens, **rouge_recall(work[k][1].answer, g.text))
+            text = first_line(g.text) if work[k][0].first_line else g.text
+            recs[k].update(generation=text, gen_tokens=g.n_tokens, gen_hit_limit=g.hit_limit,
+                           max_new_tokens=limit, **rouge_recall(work[k][1].answer, text))
     return recs
+
+
+def first_line(text: str) -> str:
+    """The text up to its first line break, leading whitespace and line breaks skipped."""
+    return text.lstrip().split("\n", 1)[0].strip()
+
+
+def text_prompt_ids(tokenizer, text: str) -> list[int]:
+    """Raw text as a prompt to continue: the start token(s) (BOS where the tokenizer adds one) + its tokens."""
+    from pmc_unlearn.formatting import text_start_ids
+
+    return text_start_ids(tokenizer) + tokenizer(text, add_special_tokens=False).input_ids
+
+
+TEXT_TOKENS_PER_PASS = 2048  # rows x tokens per forward pass of `text_scores` (bounds the [B, T, V] logits: 400 MB for SmolLM2)
+
+
+@torch.inference_mode()
+def text_scores(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 8) -> list[dict]:
+    """Per document (cut to `max_length` tokens): nll (token mean), n_tokens, truncated, mia_min_k, mia_loss, mia_zlib.
+
+    Every token after the first is scored (formatting.encode_text); no EOS is added, so Min-K%
+    averages over all scored tokens. Batches are sorted by length and sized so rows x tokens stays
+    under TEXT_TOKENS_PER_PASS; results do not depend on the batching.
+    """
+    from pmc_unlearn.formatting import encode_text
+
+    model.eval()
+    exs = [encode_text(tokenizer, tokenizer(t, add_special_tokens=False).input_ids, max_length) for t in texts]
+    out: list[dict | None] = [None] * len(exs)
+    order = sorted(range(len(exs)), key=lambda i: (len(exs[i].prompt) + len(exs[i].answer), i))
+    dev = _device(model)
+    a = 0
+    while a < len(order):
+        T = len(exs[order[a]].prompt) + len(exs[order[a]].answer)
+        rows = max(1, min(batch_size, TEXT_TOKENS_PER_PASS // max(1, T)))
+        chunk = order[a : a + rows]
+        T = max(len(exs[i].prompt) + len(exs[i].answer) for i in chunk)
+        while len(chunk) > 1 and len(chunk) * T > TEXT_TOKENS_PER_PASS:
+            chunk = chunk[:-1]
+            T = max(len(exs[i].prompt) + len(exs[i].answer) for i in chunk)
+        a += len(chunk)
+        adapt_threads()
+        batch = collate_train([exs[i] for i in chunk], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+        lp, mask = token_logprobs(logits, batch["labels"].to(dev))
+        for b, i in enumerate(chunk):
+            tok_lp = lp[b][mask[b].bool()]
+            nll = float(-tok_lp.double().mean()) if tok_lp.numel() else float("nan")
+            out[i] = {"nll": nll, "n_tokens": int(tok_lp.numel()), "truncated": bool(exs[i].truncated),
+                      "mia_min_k": scores.min_k_score(tok_lp), "mia_loss": nll,
+                      "mia_zlib": scores.zlib_score(nll, texts[i])}
+    return out  # type: ignore[return-value]
 
 
 def split_key(model_fingerprint: str, spec: SplitSpec, gen: GenSettings, fmt: PromptFormat, tokenizer) -> str:
@@ -460,6 +532,8 @@ def split_key(model_fingerprint: str, spec: SplitSpec, gen: GenSettings, fmt: Pr
     payload = {
         "schema": SCHEMA_VERSION, "model": model_fingerprint, "split": spec.name, "source": spec.source,
         "nll": spec.nll, "generate": spec.generate,
+        **({"mode": spec.mode, "max_new_tokens": spec.max_new_tokens, "first_line": spec.first_line}
+           if (spec.mode, spec.max_new_tokens, spec.first_line) != ("qa", None, False) else {}),
         "gen": asdict(gen) if spec.generate else None, "fmt": asdict(fmt),
         "prompt": prompt_text(tokenizer, probe, fmt), "prompt_ids": prompt_ids(tokenizer, probe, fmt),
         "eos": tokenizer.eos_token_id, "min_k": scores.MIN_K,

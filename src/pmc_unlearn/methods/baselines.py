@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from pmc_unlearn.config import opt
 from pmc_unlearn.errors import UserError
-from pmc_unlearn.formatting import IGNORE, Example, collate_train, encode_pair
+from pmc_unlearn.formatting import IGNORE, Example, collate_train, encode_row
 from pmc_unlearn.losses import distill_kl, scrub_max_loss, scrub_min_loss, scrub_phase, token_mean_nll
 from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logits, answer_logprobs, derive_seed
 
@@ -68,8 +68,11 @@ def masked_mse(acts: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 # ----- shared pieces ------------------------------------------------------------------------------
 
-def _encode(ctx: RunContext, pairs: list[tuple[str, str]]) -> list[Example]:
-    return [encode_pair(ctx.tokenizer, q, a, ctx.fmt) for q, a in pairs]
+def _encode(ctx: RunContext, rows: list[dict], answers: list[str] | None = None) -> list[Example]:
+    """Training examples of data rows (QA pairs or text chunks, formatting.encode_row); `answers` replace theirs."""
+    if answers is None:
+        return [encode_row(ctx.tokenizer, r, ctx.fmt) for r in rows]
+    return [encode_row(ctx.tokenizer, r, ctx.fmt, answer=a) for r, a in zip(rows, answers)]
 
 
 def _build(ctx: RunContext, primary: list[Example], retain: list[Example], stats: dict | None = None) -> Prepared:
@@ -144,10 +147,10 @@ class _Baseline(Method):
     def _retain_rows(self, ctx: RunContext, ridx: list[int]) -> list[Example]:
         if not self.uses_retain or getattr(self.cfg, "retain_weight", 0.0) == 0.0:
             return []  # lambda = 0: skip the retain rows' compute
-        return _encode(ctx, [(ctx.retain[j]["question"], ctx.retain[j]["answer"]) for j in ridx])
+        return _encode(ctx, [ctx.retain[j] for j in ridx])
 
     def _forget_rows(self, ctx: RunContext, idx: list[int]) -> list[Example]:
-        return _encode(ctx, [(ctx.primary[i]["question"], ctx.primary[i]["answer"]) for i in idx])
+        return _encode(ctx, [ctx.primary[i] for i in idx])
 
     def prepare(self, ctx: RunContext, idx: list[int], ridx: list[int]) -> Prepared:
         return _build(ctx, self._forget_rows(ctx, idx), self._retain_rows(ctx, ridx))
@@ -308,7 +311,7 @@ class IdkNLL(_Baseline):
         self.refusals = _load_refusals(self.cfg.refusals)
 
     def prepare(self, ctx, idx, ridx):
-        fe = _encode(ctx, [(ctx.primary[i]["question"], _refusal(ctx, self.refusals, i)) for i in idx])
+        fe = _encode(ctx, [ctx.primary[i] for i in idx], [_refusal(ctx, self.refusals, i) for i in idx])
         return _build(ctx, fe, self._retain_rows(ctx, ridx))
 
     def loss(self, ctx, model, prep):
@@ -346,7 +349,7 @@ class IdkDPO(_Baseline):
         self.info = {"reference_model_bytes": model_bytes(self.ref), "reference_model": "kept on the device for the whole run"}
 
     def prepare(self, ctx, idx, ridx):
-        win = _encode(ctx, [(ctx.primary[i]["question"], _refusal(ctx, self.refusals, i)) for i in idx])
+        win = _encode(ctx, [ctx.primary[i] for i in idx], [_refusal(ctx, self.refusals, i) for i in idx])
         return _build(ctx, win + self._forget_rows(ctx, idx), self._retain_rows(ctx, ridx))
 
     def loss(self, ctx, model, prep):
@@ -572,12 +575,12 @@ class SCRUB(Method):
         if phase == "max":
             prep = _build(ctx, self._forget_rows(ctx, idx), [])
         else:
-            prep = _build(ctx, [], _encode(ctx, [(ctx.retain[j]["question"], ctx.retain[j]["answer"]) for j in ridx]))
+            prep = _build(ctx, [], _encode(ctx, [ctx.retain[j] for j in ridx]))
         prep.stats["train/scrub_max_phase"] = float(phase == "max")
         return prep
 
     def _forget_rows(self, ctx, idx):
-        return _encode(ctx, [(ctx.primary[i]["question"], ctx.primary[i]["answer"]) for i in idx])
+        return _encode(ctx, [ctx.primary[i] for i in idx])
 
     def loss(self, ctx, model, prep):
         b = _on_device(ctx, prep.batch)
@@ -648,7 +651,7 @@ class RetainFT(Method):
         self.info["train_max_time_s"] = ctx.cfg.train.max_time_s
 
     def prepare(self, ctx, idx, ridx):
-        ex = _encode(ctx, [(ctx.retain[j]["question"], ctx.retain[j]["answer"]) for j in ridx])
+        ex = _encode(ctx, [ctx.retain[j] for j in ridx])
         return _build(ctx, ex, [])
 
     def loss(self, ctx, model, prep):

@@ -19,6 +19,10 @@ Per micro-batch of forget questions:
    of one random ground-truth retain pair per forget question. No reward weighting.
 6. The loop steps the optimizer every grad_accum micro-batches; the next micro-batch samples
    from the updated weights.
+
+Text forget sets (MUSE-News articles): a "question" is the first tokens of a chunk of a forget
+text (formatting.row_prompt_ids), the reference and the samples are continuations of it;
+nothing else changes (docs/muse.md).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 
 from pmc_unlearn.config import opt
 from pmc_unlearn.errors import UserError
-from pmc_unlearn.formatting import Example, collate_train, encode_pair, fit_length, prompt_ids
+from pmc_unlearn.formatting import Example, collate_train, encode_row, fit_length, row_prompt_ids
 from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logits, derive_seed, split_nll
 from pmc_unlearn.rewards import MINILM_SHA256, REWARDS, minilm, pmc_scores, require_minilm
 from pmc_unlearn.selection import Memory, is_unresolved, select_argmin, select_bradley_terry, update_memory
@@ -89,7 +93,7 @@ class PMC(Method):
         return dict(self.info)
 
     def setup(self, ctx: RunContext) -> None:
-        self._prompts = [prompt_ids(ctx.tokenizer, r["question"], ctx.fmt) for r in ctx.primary]
+        self._prompts = [row_prompt_ids(ctx.tokenizer, r, ctx.fmt) for r in ctx.primary]  # text chunks: their prefixes
         if self.cfg.reward == "semantic":
             minilm()  # load (and checksum) the embedding model now, not at the first sample
             self.info.update(reward_model="sentence-transformers/all-MiniLM-L6-v2", reward_model_sha256=MINILM_SHA256)
@@ -167,7 +171,7 @@ class PMC(Method):
         else:
             stats = ctx.extras.pop("pmc_epoch_stats", {"sample/questions_sampled": 0.0, "sample/samples": 0.0})
         forget_ex: list[Example] = [fit_length(self._prompts[i], self.memory[i].ids, ctx.fmt.max_length) for i in idx]
-        retain_ex = [encode_pair(ctx.tokenizer, ctx.retain[j]["question"], ctx.retain[j]["answer"], ctx.fmt) for j in ridx]
+        retain_ex = [encode_row(ctx.tokenizer, ctx.retain[j], ctx.fmt) for j in ridx]
         scores = np.array([self.memory[i].score for i in idx])
         stats.update({
             "sample/score_mean": float(scores.mean()),

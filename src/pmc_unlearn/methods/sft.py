@@ -1,10 +1,10 @@
-"""Supervised fine-tuning (the TOFU target/retain models): token-mean NLL on (question, answer)."""
+"""Supervised fine-tuning (the TOFU target/retain models): token-mean NLL on (question, answer), or on text chunks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pmc_unlearn.formatting import collate_train, encode_pair
+from pmc_unlearn.formatting import collate_train, encode_row
 from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logits, split_nll
 
 
@@ -18,7 +18,7 @@ class SFT(Method):
     uses_retain = False
 
     def prepare(self, ctx: RunContext, idx, ridx) -> Prepared:
-        ex = [encode_pair(ctx.tokenizer, ctx.primary[i]["question"], ctx.primary[i]["answer"], ctx.fmt) for i in idx]
+        ex = [encode_row(ctx.tokenizer, ctx.primary[i], ctx.fmt) for i in idx]  # QA pairs or text chunks
         batch = collate_train(ex, ctx.tokenizer.pad_token_id)
         return Prepared(batch, len(ex), {"data/truncated_frac": sum(e.truncated for e in ex) / len(ex)},
                         tokens=sum(len(e.answer) for e in ex))

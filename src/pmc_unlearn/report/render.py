@@ -125,6 +125,42 @@ def headline(data: ReportData) -> Section:
     return sec
 
 
+MUSE = [  # (summary key, column title); MUSE-News evaluations (`eval --benchmark muse-news`)
+    ("verbmem_forget", "VerbMem forget ↓"),
+    ("knowmem_forget", "KnowMem forget ↓"),
+    ("knowmem_retain", "KnowMem retain ↑"),
+    ("privleak", "PrivLeak (→ 0)"),
+]
+
+
+def _with_ci(m: ModelResult, key: str) -> str:
+    v, ci = m.metric(key), m.summary.get(f"{key}_ci")
+    if v is None:
+        return "—"
+    if isinstance(ci, list) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci):
+        return f"{v:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
+    return f"{v:.1f}"
+
+
+def muse_section(data: ReportData) -> Section | None:
+    """The MUSE-News table, when some model's summary has MUSE keys (None otherwise)."""
+    models = [m for m in data.models if any(k in m.summary for k, _ in MUSE)]
+    if not models:
+        return None
+    sec = Section("muse", "MUSE-News")
+    sec.intro.append(
+        "MUSE's metrics (docs/muse.md), with 95% bootstrap intervals over examples: VerbMem (ROUGE-L F1 of 128-token "
+        "continuations of forget text, 0-100) and KnowMem on forget (lower is better) and retain QA (higher is better; "
+        "ROUGE-L recall, 0-100); PrivLeak (Min-K% AUC against the retain model's, percent; 0 is ideal, about -100 "
+        "when the forget texts are still recognisable).")
+    rows = [[m.label + (" ★" if m.is_pmc else ""), m.role, m.method or "—", *[_with_ci(m, k) for k, _ in MUSE],
+             fmt(m.metric("privleak_min_k_auc"))] for m in models]
+    sec.blocks.append(Table(["Model", "Role", "Method", *[t for _, t in MUSE], "Min-K AUC"], rows, [m.is_pmc for m in models]))
+    for note in sorted({m.summary.get("privleak_note") for m in models if m.summary.get("privleak_note")}):
+        sec.blocks.append(("p", note))
+    return sec
+
+
 def tradeoff_section(data: ReportData, plots) -> Section:
     sec = Section("tradeoff", "Trade-off")
     sec.intro.append("One point per model; PMC is the red star. Ideal models sit at the upper right of both panels: "
@@ -338,7 +374,8 @@ def settings_section(data: ReportData) -> Section:
 
 
 def build_sections(data: ReportData, plots, examples: int = 3) -> list[Section]:
-    secs = [headline(data), tradeoff_section(data, plots), curves_section(data, plots), answers_section(data, examples),
+    muse = muse_section(data)
+    secs = [headline(data), *([muse] if muse else []), tradeoff_section(data, plots), curves_section(data, plots), answers_section(data, examples),
             attacks_section(data)]
     for extra in (cost_section(data), stages_section(data)):
         if extra:
