@@ -147,8 +147,9 @@ def test_privleak_on_a_tiny_example():
 
 def test_bootstrap():
     # the percentile interval: quantiles 0.025 and 0.975 of 0..100 (linear interpolation)
-    assert percentile_interval(list(range(101))) == pytest.approx((2.5, 97.5))
-    assert percentile_interval([float("nan"), 1.0, 3.0], level=0.5) == pytest.approx((1.5, 2.5))
+    # empirical quantiles: F(2) = 3/101 is the first value of F at or above 0.025, F(98) = 99/101 above 0.975
+    assert percentile_interval(list(range(101))) == (2.0, 98.0)
+    assert percentile_interval([float("nan"), 1.0, 3.0], level=0.5) == (1.0, 3.0)
     # values {0, 1}: a resample's mean is 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4, so with 1000
     # resamples both extremes hold far more than 2.5% each: the interval is [0, 1]
     assert bootstrap_interval([[0.0, 1.0]], n_resamples=1000, seed=0) == (0.0, 1.0)

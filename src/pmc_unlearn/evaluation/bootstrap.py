@@ -3,7 +3,8 @@
 `bootstrap_interval(groups, statistic)` resamples each group of per-example values with
 replacement (independently, same size as the group), recomputes the statistic on every
 resample and returns the percentile interval: the (1 - level)/2 and (1 + level)/2 quantiles
-of the resampled statistics (numpy's linear interpolation). One group for a mean over examples
+of the resampled statistics (empirical quantiles, numpy's `inverted_cdf`: every bound is a value
+some resample produced). The TOFU summary's intervals (`evaluation.intervals`) use the same. One group for a mean over examples
 (VerbMem, KnowMem); two for a statistic of two samples (PrivLeak: forget and holdout scores).
 The generator is numpy's default_rng(seed), so the same values and seed give the same interval.
 """
@@ -20,12 +21,12 @@ LEVEL = 0.95
 
 
 def percentile_interval(stats: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
-    """(lo, hi) quantiles of the statistics at (1 - level)/2 and (1 + level)/2; NaNs ignored (NaN if all are)."""
+    """(lo, hi) quantiles of the statistics at (1 - level)/2 and (1 + level)/2; non-finite values ignored (NaN if all are)."""
     a = np.asarray(stats, dtype=np.float64)
-    a = a[~np.isnan(a)]
+    a = a[np.isfinite(a)]
     if a.size == 0:
         return float("nan"), float("nan")
-    lo, hi = np.quantile(a, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = np.quantile(a, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
     return float(lo), float(hi)
 
 

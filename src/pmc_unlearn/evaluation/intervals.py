@@ -31,6 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from pmc_unlearn.evaluation.bootstrap import LEVEL, SEED, percentile_interval
+from pmc_unlearn.evaluation.bootstrap import N_RESAMPLES as N_BOOT
+
 Record = dict[str, Any]
 
 # The summary keys that get `<key>_ci`: the headline numbers of both families.
@@ -42,17 +45,6 @@ CI_KEYS = (
     "forget_prob", "retain_prob", "exact_memorization", "extraction_strength",
 )
 PAIRED = ("forget", "forget_para")  # resampled together, by question index
-N_BOOT, SEED, LEVEL = 1000, 0, 0.95
-
-
-def percentile_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
-    """The (1-level)/2 and (1+level)/2 quantiles of `values` (empirical, inverted CDF)."""
-    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float)
-    if v.size == 0:
-        return (float("nan"), float("nan"))
-    a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(v, [a, 1.0 - a], method="inverted_cdf")
-    return (float(lo), float(hi))
 
 
 def resample(records: Sequence[Record], rng: np.random.Generator) -> list[Record]:
