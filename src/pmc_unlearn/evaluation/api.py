@@ -73,6 +73,30 @@ def _check_output(out: Path, overwrite: bool) -> None:
                             "choose another --output or pass --overwrite")
 
 
+def load_for_eval(model, dtype: str = "auto", device: str | None = None):
+    """(LoadedModel in eval mode, its Precision): a name or folder loaded in the dtype `dtype` resolves to on
+    this rank's device (accelerate launch), the GPU, or the CPU; a `models.LoadedModel` taken as it is."""
+    from pmc_unlearn.models import LoadedModel, load_model
+
+    if isinstance(model, LoadedModel):
+        have = next(model.model.parameters())
+        precision = Precision(str(have.dtype).removeprefix("torch."), have.dtype == torch.bfloat16,
+                              "the caller's loaded model")
+        lm = model
+    elif isinstance(model, str):
+        if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: this rank's device
+            from accelerate import PartialState
+
+            device = str(PartialState().device)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        precision = resolve_dtype(dtype, device, "--dtype")
+        lm = load_model(model, dtype=precision.dtype, device=device)
+    else:
+        raise UserError(f"model {model!r}: pass a model name/folder or a models.LoadedModel")
+    lm.model.eval()
+    return lm, precision
+
+
 def evaluate(
     model: str | object,
     forget_split: str,
@@ -126,27 +150,10 @@ def evaluate(
 
     # 2. model
     t0 = time.time()
-    from pmc_unlearn.models import LoadedModel, fingerprint, load_model
+    from pmc_unlearn.models import fingerprint
 
     rank, _world = C._dist()
-    if isinstance(model, LoadedModel):
-        lm = model
-        have = next(lm.model.parameters())
-        precision = Precision(str(have.dtype).removeprefix("torch."), have.dtype == torch.bfloat16,
-                              "the caller's loaded model")
-    elif isinstance(model, str):
-        if device is None:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                from accelerate import PartialState
-
-                device = str(PartialState().device)
-            else:
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-        precision = resolve_dtype(dtype, device, "--dtype")
-        lm = load_model(model, dtype=precision.dtype, device=device)
-    else:
-        raise UserError(f"model {model!r}: pass a model name/folder or a models.LoadedModel")
-    lm.model.eval()
+    lm, precision = load_for_eval(model, dtype, device)
     fp = fingerprint(lm.model)
     actual_dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     t_load = time.time() - t0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -291,11 +290,8 @@ def evaluate_muse(
     model's Min-K AUC); with False, privleak is null and a note says why. `self_reference`: the
     model is the retain model itself (its own AUC is the reference: privleak 0 by definition).
     """
-    import torch
-
     from pmc_unlearn.evaluation import api
-    from pmc_unlearn.models import LoadedModel, fingerprint, load_model
-    from pmc_unlearn.precision import Precision, resolve_dtype
+    from pmc_unlearn.models import fingerprint
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
@@ -317,21 +313,7 @@ def evaluate_muse(
         api._check_output(out, overwrite)
 
     t0 = time.time()
-    if isinstance(model, LoadedModel):
-        lm = model
-        have = next(lm.model.parameters())
-        precision = Precision(str(have.dtype).removeprefix("torch."), have.dtype == torch.bfloat16, "the caller's loaded model")
-    elif isinstance(model, str):
-        if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: this rank's device
-            from accelerate import PartialState
-
-            device = str(PartialState().device)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        precision = resolve_dtype(dtype, device, "--dtype")
-        lm = load_model(model, dtype=precision.dtype, device=device)
-    else:
-        raise UserError(f"model {model!r}: pass a model name/folder or a models.LoadedModel")
-    lm.model.eval()
+    lm, precision = api.load_for_eval(model, dtype, device)
     fp = fingerprint(lm.model)
     t_load = time.time() - t0
     gen = C.GenSettings(KNOWMEM_NEW_TOKENS)
