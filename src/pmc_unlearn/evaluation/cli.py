@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retain-sample", default="perturbed", choices=("perturbed", "rng400"),
                    help="retain sample for the PMC utility U: TOFU's retain_perturbed, or the PMC authors' 400 rows "
                         "drawn with default_rng(12345) from retainXX (retain99 for forget01, ...)")
+    p.add_argument("--convention", default="open-unlearning", choices=("open-unlearning", "pmc-unlearn"),
+                   help="metric definitions (docs/metrics.md): open-unlearning's code (default; EM/ES/Min-K without the "
+                        "closing EOS, int(0.4 T), +1e-10 in the truth ratio, ZLib on decoded tokens) or pmc-unlearn's "
+                        "(every answer token, ceil(0.4 T), exact truth ratio, ZLib on the answer text)")
     p.add_argument("--plain-prompt", action="store_true",
                    help="use 'Question: ...\\nAnswer:' instead of the tokenizer's chat template (must match training)")
     p.add_argument("--system-prompt", default=None, help="system prompt for the chat template (default: the template's own)")
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         retain_records=args.retain_records, require_forget_quality=not args.no_forget_quality,
         max_examples=args.max_examples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         dtype=args.dtype, retain_sample=args.retain_sample, fmt=fmt, use_cache=not args.no_cache, bootstrap=args.bootstrap,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        overwrite=args.overwrite, progress=not args.no_progress, convention=args.convention,
     )
 
     from pmc_unlearn.evaluation.collect import _dist
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"unlearn_quality={f('unlearn_quality')} utility={f('utility')} | forget_quality={f('forget_quality')} "
           f"model_utility={f('model_utility')} forget_truth_ratio={f('forget_truth_ratio')} | "
-          f"mia_min_k_auc={f('mia_min_k_auc')} privleak={f('privleak')} | written to {args.output}")
+          f"mia_min_k_auc={f('mia_min_k_auc')} privleak={f('privleak')} | convention {s.get('convention')} | "
+          f"written to {args.output}")
     if s.get("forget_quality_note"):
         print(f"note: {s['forget_quality_note']}")
     return 0
