@@ -273,3 +273,21 @@ def test_tofu_eval_reference_follows_open_unlearning_only(tmp_path):
     assert read_reference(p, PMC).convention == PMC
     with pytest.raises(UserError, match="pmc-unlearn eval.*--convention pmc-unlearn"):
         read_reference(p, OU)
+
+
+def test_convention_settings_are_validated(tmp_path):
+    from pmc_unlearn.config import build_section
+    from pmc_unlearn.demo import load_profile
+    from pmc_unlearn.evaluation.api import evaluate
+    from pmc_unlearn.sweep import EvalSettings
+
+    assert build_section(EvalSettings, "eval", {"convention": "pmc-unlearn"}).convention == PMC
+    assert EvalSettings().convention == OU
+    with pytest.raises(UserError, match="eval.convention"):
+        build_section(EvalSettings, "eval", {"convention": "tofu"})
+    assert load_profile("test")["evaluate"]["convention"] == OU
+    with pytest.raises(UserError, match="evaluate.convention"):
+        load_profile("test", ["evaluate.convention=tofu"])
+    with pytest.raises(UserError, match="--convention"):  # before the model is loaded
+        evaluate("tiny-random", "forget01", tmp_path / "o", require_forget_quality=False, convention="tofu")
+    assert not (tmp_path / "o").exists()
