@@ -291,3 +291,15 @@ def test_convention_settings_are_validated(tmp_path):
     with pytest.raises(UserError, match="--convention"):  # before the model is loaded
         evaluate("tiny-random", "forget01", tmp_path / "o", require_forget_quality=False, convention="tofu")
     assert not (tmp_path / "o").exists()
+
+
+def test_bootstrap_intervals_follow_the_summary_convention():
+    from pmc_unlearn.evaluation.intervals import tofu_intervals
+
+    # per-example EM: open-unlearning 0.75 and 5/6, pmc-unlearn 0.8 and 6/7: every resample's mean lies
+    # between the two values of its own convention, so each interval does too
+    for conv, lo, hi in ((OU, 0.75, 5 / 6), (PMC, 0.8, 6 / 7)):
+        recs = M.with_scores(hand_records(), conv)
+        point = M.summarize(recs, None, require_forget_quality=False, convention=conv)
+        ci = tofu_intervals(recs, point, None, n_boot=50)["exact_memorization_ci"]
+        assert lo - 1e-12 <= ci[0] <= ci[1] <= hi + 1e-12, (conv, ci)
