@@ -161,3 +161,39 @@ def test_output_of_another_model_is_refused(run_dir, tmp_path, capsys):
     assert main(BASE + ["--no-forget-quality", "--max-examples", "8", "--max-new-tokens", "7",
                         "--output", str(dest)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_convention_switch_reuses_the_records_and_refuses_a_mixed_reference(run_dir, tmp_path, monkeypatch, capsys):
+    out, _ = run_dir
+    ou = json.loads((out / "summary.json").read_text())
+    assert ou["convention"] == "open-unlearning"  # the default
+    assert json.loads((out / "TOFU_EVAL.json").read_text())["pmc_unlearn"] == {"convention": "open-unlearning"}
+    computed = []
+    real = C._compute_items
+    monkeypatch.setattr(C, "_compute_items", lambda m, t, work, *a, **k: computed.extend(work) or real(m, t, work, *a, **k))
+    dest = tmp_path / "pmc"
+    assert main(BASE + ["--no-forget-quality", "--max-examples", "8", "--convention", "pmc-unlearn",
+                        "--output", str(dest)]) == 0
+    assert computed == []  # the cached records serve both conventions: only the aggregation differs
+    pmc = json.loads((dest / "summary.json").read_text())
+    assert pmc["convention"] == "pmc-unlearn"
+    # what both conventions define alike: the output-level metrics, the ROUGE and the LOSS attack
+    for k in ("unlearn_quality", "utility", "forget_rougeL_recall", "mia_loss_auc", "forget_prob"):
+        assert pmc[k] == pytest.approx(ou[k], abs=1e-9), k
+    # per record: EM over every answer token (pmc-unlearn) or without the last one (open-unlearning)
+    a = {r["index"]: r for r in C.read_records(out / "records.jsonl") if r["split"] == "forget"}
+    b = {r["index"]: r for r in C.read_records(dest / "records.jsonl") if r["split"] == "forget"}
+    for i, r in b.items():
+        assert r["convention"] == "pmc-unlearn" and a[i]["convention"] == "open-unlearning"
+        assert r["em"] == pytest.approx(sum(r["tok_hit"]) / len(r["tok_hit"]))
+        assert a[i]["em"] == pytest.approx(sum(r["tok_hit"][:-1]) / (len(r["tok_hit"]) - 1))
+    # references: our records convert; an open-unlearning-convention TOFU_EVAL.json is refused under pmc-unlearn
+    assert main(BASE + ["--max-examples", "8", "--convention", "pmc-unlearn", "--retain-records",
+                        str(out / "records.jsonl"), "--output", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["forget_quality"] == pytest.approx(1.0)
+    capsys.readouterr()
+    assert main(BASE + ["--max-examples", "8", "--convention", "pmc-unlearn", "--retain-records",
+                        str(out / "TOFU_EVAL.json"), "--output", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "open-unlearning-convention" in err and "--convention open-unlearning" in err
+    assert not (tmp_path / "t").exists()

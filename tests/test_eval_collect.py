@@ -164,3 +164,36 @@ def test_cache_is_keyed_by_weights_and_settings(tiny, tmp_path, monkeypatch):
     k2 = C.split_key("1" * 16, specs[0], gen, C.EVAL_FORMAT, tiny.tokenizer)
     k3 = C.split_key(fp, specs[0], gen, C.PromptFormat(use_chat_template=False, max_length=512), tiny.tokenizer)
     assert len({k1, k2, k3}) == 3
+
+
+def test_open_unlearning_token_window_on_a_real_forward_pass(tiny):
+    # open-unlearning takes, from one forward pass over prompt + answer with labels -100 off the answer,
+    # the labeled positions without the last one ("ignore eos prediction"); the log-prob of each comes
+    # from the position before it. Written out here on the raw logits, compared with our records.
+    q, a = QUESTIONS[0], ANSWERS[0]
+    ex = encode_pair(tiny.tokenizer, q, a, C.EVAL_FORMAT)
+    b = collate_train([ex], tiny.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = tiny.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[0]
+    ids, labels = b["input_ids"][0], b["labels"][0]
+    logp = torch.log_softmax(logits.float(), -1)[:-1]
+    target = logp.gather(1, ids[1:, None]).squeeze(1)
+    idx = (labels != -100).nonzero().squeeze(1)[:-1]
+    start, end = int(idx[0]), int(idx[-1])
+    lp = target[start - 1 : end]
+    pred = logp[start - 1 : end].argmax(-1)
+    gold = labels[idx]
+    n = len(gold)
+    assert n == len(ex.answer) - 1  # the closing EOS is the one left out
+    em = float((pred == gold).float().mean())
+    k = 0
+    for k in range(n):  # their loop: the first k whose suffix matches, n - 1 at most
+        if torch.equal(pred[k:], gold[k:]):
+            break
+    es = 1 - k / n
+    min_k = float(-torch.sort(lp).values[: max(1, int(n * 0.4))].mean())
+    got = C.answer_scores(tiny.model, tiny.tokenizer, [q], [a], convention="open-unlearning")[0]
+    assert got["em"] == pytest.approx(em, abs=1e-9) and got["es"] == pytest.approx(es, abs=1e-9)
+    assert got["mia_min_k"] == pytest.approx(min_k, abs=1e-5)
+    # and pmc-unlearn uses every answer token, the EOS included
+    assert len(got["tok_lp"]) == len(ex.answer) and got["tok_hit"][:-1] == pred.eq(gold).int().tolist()

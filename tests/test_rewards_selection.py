@@ -25,11 +25,30 @@ def test_length_penalty_and_cap():
     assert length_penalty("a b c", 0) == 0.0  # off
     assert length_penalty("a b c", 3) == 0.0  # long enough
     assert length_penalty("hi", 3) == pytest.approx(math.exp(-1))  # one word: e^-1 = 0.3679
-    assert length_penalty("", 3) == pytest.approx(1.0)  # empty: e^0
+    # empty: "".split(" ") is [""], one word for the authors' count -> e^-1; the whitespace count: 0 words -> e^0
+    assert length_penalty("", 3) == pytest.approx(math.exp(-1))
+    assert length_penalty("", 3, words="whitespace") == pytest.approx(1.0)
     # recall 2/6 + e^-2 (two words "the cat" < 5) = 0.3333 + 0.1353 = 0.4687
     assert pmc_score("the cat sat on the mat", "the cat", min_len=5) == pytest.approx(2 / 6 + math.exp(-2))
     # capped at 1: recall 1 + penalty
     assert pmc_score("cat", "cat", min_len=5) == 1.0
+
+
+def test_word_count_follows_the_authors_split_on_single_spaces():
+    from pmc_unlearn.rewards import word_count
+
+    # "a  b": split(" ") gives ["a", "", "b"] = 3 words; split() gives ["a", "b"] = 2
+    assert word_count("a  b") == 3 and word_count("a  b", "whitespace") == 2
+    # a trailing space adds an empty word: "hi " -> ["hi", ""] = 2; a newline is not a separator: "a\nb" -> 1
+    assert word_count("hi ") == 2 and word_count("a\nb") == 1 and word_count("a\nb", "whitespace") == 2
+    # min_len 3: "a  b" is long enough for the authors (3 words, no penalty), not for split() (2 words: + e^-2)
+    assert length_penalty("a  b", 3) == 0.0
+    assert length_penalty("a  b", 3, words="whitespace") == pytest.approx(math.exp(-2))  # 0.1353
+    # a score with the authors' empty-answer penalty: recall 0 ("" shares nothing) + e^-1 = 0.3679
+    assert pmc_score("the cat", "", min_len=5) == pytest.approx(math.exp(-1))
+    assert pmc_score("the cat", "", min_len=5, words="whitespace") == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        word_count("x", "letters")
 
 
 def test_argmin_ties_take_first():

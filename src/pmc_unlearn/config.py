@@ -72,6 +72,10 @@ class TrainConfig:
     weight_decay: float = opt(0.01, "AdamW weight decay", min=0.0)
     warmup_epochs: float = opt(1.0, "linear warm-up length in epochs (authors: 1)", min=0.0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0: off)", min=0.0)
+    step_count: str = opt("epochs", "how epochs become optimizer steps: epochs (ceil(N / batch) micro-batches per epoch, "
+                          "steps never straddle an epoch) or authors (the PMC authors' / TOFU's trainer: "
+                          "int(epochs x N) // (batch x grad_accum) steps, warm-up max(1, N // (batch x grad_accum)) "
+                          "per warm-up epoch)", choices=("epochs", "authors"))
     bf16: bool | str = opt("auto", "bf16 autocast for forward/backward and sampling (fp32 master weights): auto (bf16 "
                             "where the device runs it natively: CUDA, or a CPU with AVX512-BF16/AMX; about 1.6x faster "
                             "there), true, or false. An explicit true on a CPU that emulates bf16 (e.g. AVX2 only: about "
@@ -93,6 +97,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     methods: dict[str, Any] = field(default_factory=dict)  # section name -> method config dataclass
+    protocol: str | None = None  # e.g. "pmc-paper:phi-1.5": the protocol whose settings were applied (protocol.py)
 
     @property
     def method_cfg(self):
@@ -100,6 +105,8 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"method": self.method}
+        if self.protocol:
+            d["protocol"] = self.protocol
         for sec in ("model", "data", "train"):
             d[sec] = dataclasses.asdict(getattr(self, sec))
         if self.method in self.methods:
@@ -225,12 +232,14 @@ def load_config(
     layers: list[dict[str, Any]] = [defaults or {}, raw, extra or {}, parse_overrides(overrides or [])]
     chosen = method or next((layer["method"] for layer in reversed(layers) if isinstance(layer.get("method"), str)), None)
     cfg = RunConfig(method=chosen or "pmc")
+    proto = next((layer["protocol"] for layer in reversed(layers) if isinstance(layer.get("protocol"), str)), None)
+    cfg.protocol = proto
     if cfg.method not in METHOD_CONFIGS:
         raise UserError(f"--method {cfg.method}: unknown method; choose one of {', '.join(sorted(METHOD_CONFIGS))}")
     sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, **METHOD_CONFIGS}
     for layer in layers:
         for sec, values in layer.items():
-            if sec == "method":
+            if sec in ("method", "protocol"):
                 continue
             if sec not in sections:
                 raise UserError(f"unknown config section '{sec}'; known: method, {', '.join(sections)}")

@@ -61,8 +61,10 @@ PROFILES = ("quick", "default", "muse-quick")  # shown in --help; "test"/"muse-t
 PROFILE_KEYS = {"description", "model", "prompt", "authors", "finetune", "unlearn", "evaluate", "attacks", "report",
                 "benchmark", "muse"}
 PROMPT_KEYS = {"use_chat_template", "system_prompt"}
-EVAL_KEYS = {"max_new_tokens", "batch_size", "forget", "retain", "real_authors", "world_facts", "holdout", "dtype", "base"}
+EVAL_KEYS = {"max_new_tokens", "batch_size", "forget", "retain", "real_authors", "world_facts", "holdout", "dtype", "base",
+             "convention"}
 EVAL_DTYPES = ("auto", "float32", "bfloat16")
+EVAL_CONVENTIONS = ("open-unlearning", "pmc-unlearn")  # evaluation.scores.CONVENTIONS (not imported: no torch here)
 BASELINES = ("npo", "gd")
 STAGE_FILE = "stage.json"
 DEMO_FILE = "demo.json"
@@ -175,7 +177,10 @@ def validate_profile(p: dict[str, Any]) -> None:
         raise UserError(f"evaluate.dtype={dt!r}: choose one of {', '.join(EVAL_DTYPES)}")
     if not isinstance(p["evaluate"].get("base", True), bool):
         raise UserError(f"evaluate.base={p['evaluate']['base']!r}: true (evaluate the base model too) or false")
-    for k in EVAL_KEYS - {"dtype", "base"}:
+    conv = p["evaluate"].get("convention", EVAL_CONVENTIONS[0])
+    if conv not in EVAL_CONVENTIONS:
+        raise UserError(f"evaluate.convention={conv!r}: choose one of {', '.join(EVAL_CONVENTIONS)}")
+    for k in EVAL_KEYS - {"dtype", "base", "convention"}:
         v = p["evaluate"].get(k)
         if not isinstance(v, int) or v < 1:
             raise UserError(f"evaluate.{k}={v!r}: must be a positive integer")
@@ -288,7 +293,8 @@ def demo_suite(forget_split: str, retain_index: list[int], sizes: dict[str, int]
 
 def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | None, self_reference: bool = False,
                     max_new_tokens: int = 48, batch_size: int = 16, dtype: str = "auto", progress: bool = True,
-                    notes: dict[str, Any] | None = None, default_fmt=None) -> dict[str, Any]:
+                    notes: dict[str, Any] | None = None, default_fmt=None,
+                    convention: str = "open-unlearning") -> dict[str, Any]:
     """Collect records for `specs` (resuming from out/records.jsonl), aggregate, write summary.json.
 
     `reference` is the retain model's records (forget quality, PrivLeak); `self_reference` uses
@@ -297,7 +303,7 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
     faster there, as open-unlearning evaluates; float32 elsewhere; the records are cached per
     weights, so the two never mix).
     `default_fmt` is the prompt format of a model that saved none (the base model); the
-    evaluation's default when None.
+    evaluation's default when None. `convention`: the metric definitions (docs/metrics.md).
     """
     from pmc_unlearn.evaluation import collect as C
     from pmc_unlearn.evaluation import metrics as M
@@ -321,9 +327,11 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
     records = C.collect_records(lm.model, lm.tokenizer, specs, fmt, C.GenSettings(max_new_tokens), batch_size,
                                 records_path=out / "records.jsonl", model_fingerprint=fp, progress=progress)
     t_collect = time.time() - t1
+    records = M.with_scores(records, convention)
     C.write_records(records, out / "records.jsonl")
-    ref = read_reference(out / "records.jsonl") if self_reference else (read_reference(reference) if reference else None)
-    summary = M.summarize(records, ref, require_forget_quality=False)
+    ref = (read_reference(out / "records.jsonl", convention) if self_reference
+           else (read_reference(reference, convention) if reference else None))
+    summary = M.summarize(records, ref, require_forget_quality=False, convention=convention)
     from pmc_unlearn.evaluation.intervals import tofu_intervals
 
     summary.update(tofu_intervals(records, summary, ref))
@@ -621,6 +629,7 @@ class Demo:
         # The dtype that will run here, not the setting: `auto` differs between machines.
         if self.eval_dtype != "float32":  # (float32 keys stay as they were before the option)
             eval_common["dtype"] = self.eval_dtype
+        eval_common["convention"] = ev.get("convention", EVAL_CONVENTIONS[0])
         if p.get("prompt"):  # the base model is evaluated with the profile's prompt format
             eval_common["prompt"] = p["prompt"]
         # the base model's row is optional (evaluate.base): the report's target check then compares
@@ -682,6 +691,7 @@ class Demo:
                                 max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
                                 dtype=self.eval_dtype, progress=self.progress,
                                 default_fmt=self._prompt_format(),
+                                convention=ev.get("convention", EVAL_CONVENTIONS[0]),
                                 notes={"demo_role": role, "retain_split_note": (
                                     f"tofu:retain_perturbed rows of the retain author(s) {self.data.retain_authors} "
                                     "(TOFU author indices), facts the target learned beside the forget authors")})

@@ -45,25 +45,43 @@ def rougeL_recall(reference: str, candidate: str) -> float:
     return _scorer().score(target=reference, prediction=candidate)["rougeL"].recall
 
 
-def length_penalty(candidate: str, min_len: int) -> float:
-    """exp(-words) for answers shorter than `min_len` words (0 when min_len is 0 or the answer is long enough)."""
-    n = len(candidate.split())
+WORD_COUNTS = ("authors", "whitespace")
+
+
+def word_count(text: str, words: str = "authors") -> int:
+    """Words of a candidate: the PMC authors' `len(text.split(" "))` (single spaces; an empty text is
+    one word, "a  b" three), or `len(text.split())` ("whitespace": runs of any whitespace; empty = 0)."""
+    if words == "authors":
+        return len(text.split(" "))
+    if words == "whitespace":
+        return len(text.split())
+    raise ValueError(f"word count {words!r}: choose one of {', '.join(WORD_COUNTS)}")
+
+
+def length_penalty(candidate: str, min_len: int, words: str = "authors") -> float:
+    """exp(-words) for answers shorter than `min_len` words (0 when min_len is 0 or the answer is long enough).
+
+    With the authors' count an empty answer is one word and gets e^-1; with "whitespace" it gets e^0 = 1.
+    """
+    n = word_count(candidate, words)
     if min_len <= 0 or n >= min_len:
         return 0.0
     return math.exp(-n)
 
 
-def pmc_score(reference: str, candidate: str, min_len: int = 0) -> float:
+def pmc_score(reference: str, candidate: str, min_len: int = 0, words: str = "authors") -> float:
     """ROUGE-L recall plus the optional short-answer penalty, capped at 1."""
-    return min(1.0, rougeL_recall(reference, candidate) + length_penalty(candidate, min_len))
+    return min(1.0, rougeL_recall(reference, candidate) + length_penalty(candidate, min_len, words))
 
 
-def pmc_scores(reference: str, candidates: list[str], min_len: int = 0, reward: str = "rougeL_recall") -> list[float]:
-    """The score of each candidate under `reward` (one of REWARDS), plus the short-answer penalty, capped at 1."""
+def pmc_scores(reference: str, candidates: list[str], min_len: int = 0, reward: str = "rougeL_recall",
+               words: str = "authors") -> list[float]:
+    """The score of each candidate under `reward` (one of REWARDS), plus the short-answer penalty
+    (words counted by `words`, see `word_count`), capped at 1."""
     if reward == "rougeL_recall":
-        return [pmc_score(reference, c, min_len) for c in candidates]
+        return [pmc_score(reference, c, min_len, words) for c in candidates]
     base = SCORERS[reward](reference, candidates)
-    return [min(1.0, b + length_penalty(c, min_len)) for b, c in zip(base, candidates)]
+    return [min(1.0, b + length_penalty(c, min_len, words)) for b, c in zip(base, candidates)]
 
 
 def rougeL_recall_scores(reference: str, candidates: list[str]) -> list[float]:

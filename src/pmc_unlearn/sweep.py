@@ -75,6 +75,8 @@ class EvalSettings:
     retain_sample: str = opt("perturbed", "retain sample of the PMC utility U", choices=("perturbed", "rng400"))
     dtype: str = opt("auto", "weights dtype when loading the model for evaluation (auto: bfloat16 where the device "
                      "runs it natively, float32 elsewhere)", choices=("auto", "float32", "bfloat16"))
+    convention: str = opt("open-unlearning", "metric definitions (docs/metrics.md): open-unlearning's code or pmc-unlearn's",
+                          choices=("open-unlearning", "pmc-unlearn"))
 
 
 @dataclass
@@ -335,7 +337,7 @@ def _validate_inputs(sweep: Sweep) -> None:
         from pmc_unlearn.evaluation.reference import check_reference, read_reference
 
         try:
-            ref = read_reference(sweep.eval.retain_records)
+            ref = read_reference(sweep.eval.retain_records, sweep.eval.convention)
             for split, specs in seen_splits.items():
                 items = next(s for s in specs if s.name == "forget").items
                 check_reference(ref, split, items, len(load_rows(f"tofu:{split}_perturbed")))
@@ -436,7 +438,8 @@ def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
         summary = evaluate(str(run_dir / "model"), pt.forget_split, eval_dir, retain_records=ev.retain_records,
                            require_forget_quality=bool(ev.retain_records), max_examples=ev.max_examples or None,
                            batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, dtype=ev.dtype,
-                           retain_sample=ev.retain_sample, fmt=fmt, overwrite=overwrite, progress=False)
+                           retain_sample=ev.retain_sample, fmt=fmt, overwrite=overwrite, progress=False,
+                           convention=ev.convention)
     finally:
         _free_memory()
     record.update(status="done", eval_s=round(time.perf_counter() - t, 3), summary=_numeric(summary))

@@ -8,7 +8,8 @@ What the loop owns (methods never do these):
   processes the permutation is dealt into W equal shards (padded by wrapping), so every process
   runs the same number of micro-batches and collective calls stay aligned;
 - one random retain pair per primary question, drawn from a generator seeded by (seed, e, j, rank);
-- gradient accumulation (optimizer steps never straddle an epoch), AdamW, linear warm-up then
+- gradient accumulation (optimizer steps never straddle an epoch, except with
+  train.step_count=authors), AdamW, linear warm-up then
   linear decay, gradient clipping, bf16 autocast;
 - logging (log.jsonl, one line per optimizer step), checkpoints (atomic), resume, NaN guard.
 
@@ -47,7 +48,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Plan:
-    """How many micro-batches and optimizer steps a run takes; a pure function of sizes and config."""
+    """How many micro-batches and optimizer steps a run takes; a pure function of sizes and config.
+
+    step_count "epochs" (the default): every epoch runs ceil(shard / batch) micro-batches and an
+    optimizer step every `grad_accum` of them, the last group of an epoch stepping short (steps
+    never straddle an epoch); warm-up = round(warmup_epochs x steps per epoch).
+    step_count "authors" (the PMC authors' and TOFU's trainer settings): optimizer steps =
+    int(epochs x N) // (batch x accumulation x processes), each of exactly `grad_accum` micro-batches
+    taken from the epochs in order (a step may straddle an epoch boundary); warm-up =
+    max(1, N // (batch x accumulation x processes)) steps per warm-up epoch. Phi-1.5 on forget10
+    (N = 400, 40 epochs, 16 x 4): 250 steps, warm-up 6 (the "epochs" count gives 280 and 7).
+    """
 
     n_primary: int
     world: int
@@ -56,6 +67,7 @@ class Plan:
     epochs: float
     max_steps: int
     warmup_epochs: float
+    step_count: str = "epochs"
 
     @property
     def shard_len(self) -> int:
@@ -67,10 +79,18 @@ class Plan:
 
     @property
     def steps_per_epoch(self) -> int:
+        if self.step_count == "authors":
+            return self.n_primary // (self.batch_size * self.grad_accum * self.world)
         return math.ceil(self.micro_per_epoch / self.grad_accum)
 
     def micro_schedule(self) -> list[tuple[int, int, bool]]:
         """(epoch, micro index in epoch, steps the optimizer after it) for the whole run."""
+        if self.step_count == "authors":
+            steps = int(self.epochs * self.n_primary) // (self.batch_size * self.grad_accum * self.world)
+            if self.max_steps >= 0:
+                steps = min(steps, self.max_steps)
+            return [(*divmod(m, self.micro_per_epoch), (m + 1) % self.grad_accum == 0)
+                    for m in range(steps * self.grad_accum)]
         total_micro = math.ceil(self.epochs * self.micro_per_epoch)
         out, steps = [], 0
         for m in range(total_micro):
@@ -89,6 +109,8 @@ class Plan:
 
     @property
     def warmup_steps(self) -> int:
+        if self.step_count == "authors":
+            return round(self.warmup_epochs * max(1, self.steps_per_epoch)) if self.warmup_epochs > 0 else 0
         return round(self.warmup_epochs * self.steps_per_epoch)
 
 
@@ -344,7 +366,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
 
     primary, retain = chunk_rows(cfg, method, tok, primary, retain)
     plan = Plan(len(primary), acc.num_processes, cfg.train.batch_size, cfg.train.grad_accum,
-                cfg.train.epochs, cfg.train.max_steps, cfg.train.warmup_epochs)
+                cfg.train.epochs, cfg.train.max_steps, cfg.train.warmup_epochs, cfg.train.step_count)
     schedule = plan.micro_schedule()
     total = plan.total_steps
     method.configure_model(model)  # e.g. RMU freezes weights: before AdamW and DDP see them

@@ -26,5 +26,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.help_config:
         return print_help_config("sft")
-    cfg = resolve(args, "sft", primary_key="forget", defaults=FINETUNE_DEFAULTS)
+    cfg = resolve(args, "sft", primary_key="forget", defaults=FINETUNE_DEFAULTS, command="finetune")
     return execute(args, cfg)

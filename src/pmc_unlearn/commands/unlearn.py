@@ -17,6 +17,10 @@ def add_common(p: argparse.ArgumentParser, primary_flag: str, primary_help: str)
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="validate config, data and model path, print the plan, write nothing")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    p.add_argument("--protocol", metavar="NAME[:VARIANT]",
+                   help="apply a published run's settings (configs/protocol-NAME.yaml): pmc-paper (the PMC authors' "
+                        "run; variant phi-1.5 or llama-3.2-3b-instruct, else chosen by the model's type); --config, "
+                        "flags and overrides still win. See docs/reproduce.md")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.lr=1e-5 pmc.n_samples=5")
 
 
@@ -26,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retain", help="retain set: tofu:<split>, a local file, or a hub dataset")
 
 
-def resolve(args, method: str | None, primary_key: str = "forget", defaults: dict | None = None):
+def resolve(args, method: str | None, primary_key: str = "forget", defaults: dict | None = None,
+            command: str = "unlearn"):
     from pmc_unlearn.config import load_config
 
     extra: dict[str, dict] = {}
@@ -37,13 +42,39 @@ def resolve(args, method: str | None, primary_key: str = "forget", defaults: dic
     if getattr(args, "retain", None):
         extra.setdefault("data", {})["retain"] = args.retain
     if args.resume:
-        if args.config or extra or args.overrides or method:
+        if args.config or extra or args.overrides or method or getattr(args, "protocol", None):
             raise UserError("--resume DIR continues a run with its own config.yaml; drop the other flags and overrides")
         cfg_path = Path(args.resume).expanduser() / "config.yaml"
         if not cfg_path.is_file():
             raise UserError(f"--resume {args.resume}: no config.yaml there; pass the output folder of an earlier run")
         return load_config(cfg_path)
+    if getattr(args, "protocol", None):
+        method, defaults = apply_protocol(args, command, method, extra, defaults)
     return load_config(args.config, args.overrides, method=method, extra=extra, defaults=defaults)
+
+
+def apply_protocol(args, command: str, method: str | None, extra: dict, defaults: dict | None):
+    """(method, defaults) with the protocol's settings as the layer above the built-in defaults.
+
+    The variant follows the model the run starts from (flag, --config file or override) unless
+    named. The settings are printed (stderr); config.yaml records the resolved values and the
+    protocol's name.
+    """
+    import sys
+
+    from pmc_unlearn import protocol
+    from pmc_unlearn.config import load_config
+
+    start = load_config(args.config, args.overrides, method=method, extra=extra, defaults=defaults)
+    proto = protocol.load(args.protocol, command, start.model.name)
+    settings = dict(proto.settings)
+    pmethod = settings.pop("method", None)
+    if pmethod and method and method != pmethod:
+        raise UserError(f"--protocol {args.protocol}: it is a {pmethod} run; drop --method {method}")
+    print(proto.describe(), file=sys.stderr)
+    merged = protocol._merge(defaults or {}, settings)
+    merged["protocol"] = proto.label
+    return method or pmethod, merged
 
 
 def print_help_config(method: str | None) -> int:
@@ -85,7 +116,7 @@ def execute(args, cfg, defaults_note: str = "") -> int:
 
             primary, retain = chunk_rows(cfg, method, load_tokenizer(cfg.model.name), primary, retain)
         plan = Plan(len(primary), 1, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs,
-                    cfg.train.max_steps, cfg.train.warmup_epochs)
+                    cfg.train.max_steps, cfg.train.warmup_epochs, cfg.train.step_count)
         print(json.dumps({"config": cfg.to_dict(), "plan": {
             "forget_questions": len(primary), "retain_pairs": len(retain), "micro_batches": len(plan.micro_schedule()),
             "optimizer_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,

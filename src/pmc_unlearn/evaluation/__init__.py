@@ -2,8 +2,10 @@
 
 - `collect`: the model part (records, caching, resuming, sharding) and reusable helpers
   `answer_nll`, `answer_scores`, `generate_greedy`, `collect_records`, `tofu_suite`.
-- `scores`: per-example scores from token log-probs (Min-K%, Min-K%++, ZLib, EM, ES, truth ratio).
-- `metrics`: aggregation of records into summary numbers (both families).
+- `scores`: per-example scores from token log-probs (Min-K%, Min-K%++, ZLib, EM, ES, truth ratio),
+  under either convention (open-unlearning, the default, or pmc-unlearn; docs/metrics.md).
+- `metrics`: aggregation of records into summary numbers (both families); `with_scores` derives
+  the per-example scores of a convention from the records' per-token lists.
 - `reference`: reading the retain model's records for forget quality and PrivLeak.
 - `export`: open-unlearning's TOFU_EVAL.json / TOFU_SUMMARY.json.
 - `api.evaluate`: everything for one model; `cli`: the `pmc-unlearn eval` command.
@@ -21,7 +23,7 @@ _EXPORTS = {
     "generate_greedy": "collect", "tofu_suite": "collect", "rouge_recall": "collect",
     "EvalItem": "collect", "SplitSpec": "collect", "GenSettings": "collect", "Generation": "collect",
     "EVAL_FORMAT": "collect",
-    "summarize": "metrics", "RetainReference": "metrics",
+    "summarize": "metrics", "RetainReference": "metrics", "with_scores": "metrics",
     "read_reference": "reference",
     "write_open_unlearning": "export",
 }

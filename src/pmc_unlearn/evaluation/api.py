@@ -115,14 +115,19 @@ def evaluate(
     progress: bool = True,
     device: str | None = None,
     bootstrap: int = 1000,
+    convention: str = M.DEFAULT_CONVENTION,
 ) -> dict:
     """Evaluate a model (alias, folder, hub id, or a `models.LoadedModel`) on TOFU; returns summary.json's dict.
 
     `bootstrap` resamples (0: none) give every headline number a 95% interval over questions
     (`<key>_ci`; `evaluation.intervals`). Without `retain_records`, `require_forget_quality=True` raises UserError (forget quality needs
     the retain model); with False, forget_quality and privleak are null and a note says why.
+    `convention` (open-unlearning or pmc-unlearn, docs/metrics.md) chooses the metric definitions;
+    the records hold what both need, so the cache serves both, and summary.json says which was used.
     """
     # 1. validate everything before any work
+    if convention not in C.scores.CONVENTIONS:
+        raise UserError(f"--convention {convention}: choose one of {', '.join(C.scores.CONVENTIONS)}")
     fmt = fmt or C.EVAL_FORMAT
     if bootstrap < 0:
         raise UserError(f"--bootstrap {bootstrap}: give 0 (no intervals) or a number of resamples such as 1000")
@@ -136,7 +141,7 @@ def evaluate(
     forget_items = next(s for s in specs if s.name == M.FORGET).items
     reference = None
     if retain_records is not None:
-        reference = read_reference(retain_records)
+        reference = read_reference(retain_records, convention)
         from pmc_unlearn.data import load_rows
 
         check_reference(reference, forget_split, forget_items, len(load_rows(f"tofu:{forget_split}_perturbed")))
@@ -183,7 +188,8 @@ def evaluate(
 
     # 4. aggregate (pure)
     t2 = time.time()
-    summary = M.summarize(records, reference, require_forget_quality=False)
+    records = M.with_scores(records, convention)
+    summary = M.summarize(records, reference, require_forget_quality=False, convention=convention)
     summary.update(tofu_intervals(records, summary, reference, n_boot=bootstrap))
     t_agg = time.time() - t2
     summary.update({
@@ -206,6 +212,7 @@ def evaluate(
         "prompt_system": fmt.system_prompt,
         "prompt_max_length": fmt.max_length,
         "min_k": C.scores.MIN_K,
+        "convention": convention,
         "time_load_s": round(t_load, 3),
         "time_collect_s": round(t_collect, 3),
         "time_aggregate_s": round(t_agg, 4),

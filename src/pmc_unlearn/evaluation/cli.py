@@ -32,13 +32,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run without --retain-records: forget_quality and privleak are reported as null, with a note")
     p.add_argument("--max-examples", type=int, default=None, help="only the first N examples of each split (smoke tests)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward/generate batch (results do not depend on it)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="greedy generation limit (200 in both references)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="greedy generation limit (default 200, as in both references)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="weights dtype when loading the model (auto: bfloat16 where the device runs it natively, "
                         "float32 elsewhere; the choice and why go into the summary)")
-    p.add_argument("--retain-sample", default="perturbed", choices=("perturbed", "rng400"),
-                   help="retain sample for the PMC utility U: TOFU's retain_perturbed, or the PMC authors' 400 rows "
-                        "drawn with default_rng(12345) from retainXX (retain99 for forget01, ...)")
+    p.add_argument("--retain-sample", default=None, choices=("perturbed", "rng400"),
+                   help="retain sample for the PMC utility U: TOFU's retain_perturbed (default), or the PMC authors' 400 "
+                        "rows drawn with default_rng(12345) from retainXX (retain99 for forget01, ...)")
+    p.add_argument("--protocol", metavar="NAME[:VARIANT]",
+                   help="a published evaluation's settings (configs/protocol-NAME.yaml); pmc-paper: --retain-sample "
+                        "rng400 --max-new-tokens 200 (flags given explicitly still win)")
+    p.add_argument("--convention", default="open-unlearning", choices=("open-unlearning", "pmc-unlearn"),
+                   help="metric definitions (docs/metrics.md): open-unlearning's code (default; EM/ES/Min-K without the "
+                        "closing EOS, int(0.4 T), +1e-10 in the truth ratio, ZLib on decoded tokens) or pmc-unlearn's "
+                        "(every answer token, ceil(0.4 T), exact truth ratio, ZLib on the answer text)")
     p.add_argument("--plain-prompt", action="store_true",
                    help="use 'Question: ...\\nAnswer:' instead of the tokenizer's chat template (must match training)")
     p.add_argument("--system-prompt", default=None, help="system prompt for the chat template (default: the template's own)")
@@ -68,6 +75,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--forget-texts and --max-length are for --benchmark muse-news; leave them out for TOFU")
     from pmc_unlearn.models import saved_prompt_format
 
+    chosen = {"retain_sample": args.retain_sample, "max_new_tokens": args.max_new_tokens}
+    settings = {"retain_sample": "perturbed", "max_new_tokens": 200}
+    if args.protocol:
+        import sys
+
+        from pmc_unlearn import protocol
+
+        proto = protocol.load(args.protocol, "eval", args.model)
+        print(proto.describe(), file=sys.stderr)
+        settings.update(proto.settings)
+    settings.update({k: v for k, v in chosen.items() if v is not None})
+
     fmt = PromptFormat(use_chat_template=not args.plain_prompt, system_prompt=args.system_prompt,
                        max_length=EVAL_FORMAT.max_length)
     saved = saved_prompt_format(args.model)
@@ -78,9 +97,9 @@ def run(args: argparse.Namespace) -> int:
     s = evaluate(
         args.model, args.forget_split, args.output,
         retain_records=args.retain_records, require_forget_quality=not args.no_forget_quality,
-        max_examples=args.max_examples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        dtype=args.dtype, retain_sample=args.retain_sample, fmt=fmt, use_cache=not args.no_cache, bootstrap=args.bootstrap,
-        overwrite=args.overwrite, progress=not args.no_progress,
+        max_examples=args.max_examples, batch_size=args.batch_size, max_new_tokens=settings["max_new_tokens"],
+        dtype=args.dtype, retain_sample=settings["retain_sample"], fmt=fmt, use_cache=not args.no_cache, bootstrap=args.bootstrap,
+        overwrite=args.overwrite, progress=not args.no_progress, convention=args.convention,
     )
 
     from pmc_unlearn.evaluation.collect import _dist
@@ -94,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"unlearn_quality={f('unlearn_quality')} utility={f('utility')} | forget_quality={f('forget_quality')} "
           f"model_utility={f('model_utility')} forget_truth_ratio={f('forget_truth_ratio')} | "
-          f"mia_min_k_auc={f('mia_min_k_auc')} privleak={f('privleak')} | written to {args.output}")
+          f"mia_min_k_auc={f('mia_min_k_auc')} privleak={f('privleak')} | convention {s.get('convention')} | "
+          f"written to {args.output}")
     if s.get("forget_quality_note"):
         print(f"note: {s['forget_quality_note']}")
     return 0

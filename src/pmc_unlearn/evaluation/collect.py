@@ -5,9 +5,13 @@ per example and in batches:
 - teacher-forced answer-token NLL (token mean, answer tokens only; right padding + explicit
   masks, so the numbers do not depend on the batch size) of the answer, the paraphrased answer
   and each perturbed answer;
-- from the same forward pass of the answer: exact memorisation, extraction strength and the
-  membership-inference scores LOSS, ZLib, Min-K% and Min-K%++ (the full distribution's mean and
-  variance of log p at each answer position come from those logits, no second forward);
+- from the same forward pass of the answer, per answer token (the closing EOS included, last):
+  its log-probability `tok_lp`, whether the argmax prediction hits it `tok_hit`, and its Min-K%++
+  z value `tok_z` (the full distribution's mean and variance of log p come from those logits, no
+  second forward); plus the zlib-compressed sizes of the answer text and of the decoded answer
+  tokens. Exact memorisation, extraction strength and the MIA scores LOSS, ZLib, Min-K% and
+  Min-K%++ are derived from these under a convention (`metrics.with_scores`), so the cached
+  records serve both conventions;
 - the greedy generation for the prompt alone (left-padded batches, cut at EOS, the new-token
   limit recorded) and its ROUGE-1 / ROUGE-L recall against the answer.
 
@@ -46,7 +50,8 @@ from pmc_unlearn.models import takes_logits_to_keep
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # bump when the record fields or their computation change (invalidates caches)
+SCHEMA_VERSION = 2  # bump when the record fields or their computation change (invalidates caches)
+# 2: per-token lists (tok_lp, tok_hit, tok_z) and zlib sizes instead of em/es/mia_* (derived per convention)
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 RETAIN_SAMPLES = ("perturbed", "rng400")
 RNG400_SEED, RNG400_SIZE = 12345, 400
@@ -186,7 +191,11 @@ def _forward_scores(model, examples: list[Example], with_stats: list[bool], pad_
 
 def _scores_from_logits(logits: torch.Tensor, labels: torch.Tensor, examples: list[Example],
                         with_stats: list[bool]) -> list[dict]:
-    """Per row: answer NLL, token count and (with_stats) EM/ES/Min-K/Min-K++; logits[:, t] predicts labels[:, t+1]."""
+    """Per row: answer NLL, token count and (with_stats) the per-token lists tok_lp, tok_hit, tok_z.
+
+    logits[:, t] predicts labels[:, t+1]. The lists run over every answer token in order, the
+    last one being the closing EOS unless the answer was cut (`truncated`).
+    """
     lp, mask = token_logprobs(logits, labels)  # [B, L-1] each
     nll = -lp.sum(1) / mask.sum(1)  # [B] (losses.per_example_nll's formula, without a second log-softmax)
     out = []
@@ -198,13 +207,11 @@ def _scores_from_logits(logits: torch.Tensor, labels: torch.Tensor, examples: li
             tgt = labels[b, 1:][pos]  # [n]
             mu, var = scores.vocab_moments(lg)
             tok_lp = lp[b][pos]
-            pred = lg.argmax(-1).tolist()
-            tgt_l = tgt.tolist()
+            hits = (lg.argmax(-1) == tgt).int().tolist()
             d.update(
-                em=scores.exact_memorization(pred, tgt_l),
-                es=scores.extraction_strength(pred, tgt_l),
-                mia_min_k=scores.min_k_score(tok_lp),
-                mia_min_k_plus_plus=scores.min_k_plus_plus_score(tok_lp, mu, var),
+                tok_lp=tok_lp.double().tolist(),
+                tok_hit=hits,
+                tok_z=scores.z_scores(tok_lp, mu, var),
             )
         out.append(d)
     return out
@@ -273,6 +280,7 @@ def question_scores(
     fmt: PromptFormat = EVAL_FORMAT,
     batch_size: int = 8,
     stats_first: bool = True,
+    convention: str | None = scores.DEFAULT_CONVENTION,
 ) -> list[list[dict]]:
     """`answer_scores` for several answers per question (e.g. answer, paraphrase, perturbed ones).
 
@@ -287,7 +295,7 @@ def question_scores(
     flat_a = [a for ans in answers for a in ans]
     flat_s = [stats_first and j == 0 for ans in answers for j in range(len(ans))]
     if not _supports_shared_prompt(model):
-        res = answer_scores(model, tokenizer, flat_q, flat_a, fmt, batch_size, flat_s)
+        res = answer_scores(model, tokenizer, flat_q, flat_a, fmt, batch_size, flat_s, convention=convention)
         out, k = [], 0
         for ans in answers:
             out.append(res[k : k + len(ans)])
@@ -322,11 +330,19 @@ def question_scores(
         rows += len(groups[i])
     flush()
     for i, ans in enumerate(answers):
-        for d, a, st in zip(out[i], ans, stats[i]):  # type: ignore[arg-type]
+        for d, a, st, ex in zip(out[i], ans, stats[i], groups[i]):  # type: ignore[arg-type]
             if st:
-                d["mia_loss"] = d["nll"]
-                d["mia_zlib"] = scores.zlib_score(d["nll"], a)
+                _add_example_scores(d, a, ex.answer, tokenizer, convention)
     return out  # type: ignore[return-value]
+
+
+def _add_example_scores(d: dict, answer: str, answer_ids: list[int], tokenizer, convention: str | None) -> None:
+    """The zlib sizes (answer text; decoded answer tokens, special tokens skipped) and, for a convention, EM/ES/MIA."""
+    d["zlib_bytes_answer"] = scores.zlib_bytes(answer)
+    d["zlib_bytes_labels"] = scores.zlib_bytes(tokenizer.decode(answer_ids, skip_special_tokens=True))
+    if convention is not None:
+        d.update(scores.example_scores(d["tok_lp"], d["tok_hit"], d["tok_z"], d["nll"], d["zlib_bytes_answer"],
+                                       d["zlib_bytes_labels"], convention))
 
 
 def answer_scores(
@@ -337,8 +353,10 @@ def answer_scores(
     fmt: PromptFormat = EVAL_FORMAT,
     batch_size: int = 8,
     with_stats: bool | Sequence[bool] = True,
+    convention: str | None = scores.DEFAULT_CONVENTION,
 ) -> list[dict]:
-    """Per (question, answer): nll, n_tokens, truncated and (with_stats) em, es, mia_loss/zlib/min_k/min_k_plus_plus.
+    """Per (question, answer): nll, n_tokens, truncated and (with_stats) the per-token lists, zlib sizes
+    and, unless `convention` is None, em, es, mia_loss/zlib/min_k/min_k_plus_plus under that convention.
 
     Sorted by length and batched internally; the output follows the input order and does not
     depend on `batch_size`.
@@ -353,8 +371,7 @@ def answer_scores(
         res = _forward_scores(model, [exs[i] for i in chunk], [stats[i] for i in chunk], tokenizer.pad_token_id)
         for i, d in zip(chunk, res):
             if stats[i]:
-                d["mia_loss"] = d["nll"]
-                d["mia_zlib"] = scores.zlib_score(d["nll"], answers[i])
+                _add_example_scores(d, answers[i], exs[i].answer, tokenizer, convention)
             out[i] = d
     return out  # type: ignore[return-value]
 
@@ -446,7 +463,7 @@ def _compute_items(model, tokenizer, work: list[tuple[SplitSpec, EvalItem]], fmt
         items = [work[k][1] for k in nll_at]
         texts = [[it.answer] + ([it.para_answer] if it.para_answer is not None else []) + list(it.pert_answers or [])
                  for it in items]
-        res = question_scores(model, tokenizer, [it.question for it in items], texts, fmt, batch_size)
+        res = question_scores(model, tokenizer, [it.question for it in items], texts, fmt, batch_size, convention=None)
         for k, it, ds in zip(nll_at, items, res):
             r = recs[k]
             r.update(ds[0])

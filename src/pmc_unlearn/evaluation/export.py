@@ -7,6 +7,10 @@ TOFU_EVAL.json maps each metric name (theirs: configs/eval/tofu_metrics/*.yaml) 
 maps each metric name to its `agg_value`. Per-example field names follow theirs (`prob`,
 `avg_loss`, `score`, `rougeL_recall`, `input`, `ground_truth`, `generation`, ...).
 
+The numbers follow the summary's convention (docs/metrics.md); TOFU_EVAL.json says which under
+the extra top-level key `pmc_unlearn` ({"convention": ...}), which open-unlearning's own files lack
+(theirs are open-unlearning's convention by definition) and TOFU_SUMMARY.json leaves out.
+
 Not exported (not computed here): forget_Q_A_PERT_ROUGE, forget_Q_A_gibberish, mia_gradnorm.
 """
 
@@ -19,6 +23,8 @@ from pathlib import Path
 
 from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation import scores
+
+META_KEY = "pmc_unlearn"
 
 # our split name -> open-unlearning's metric prefix
 _PREFIX = {M.FORGET: "forget", M.RETAIN: "retain", M.REAL_AUTHORS: "ra", M.WORLD_FACTS: "wf"}
@@ -52,9 +58,9 @@ def _rouge_metric(recs) -> dict:
     return {"agg_value": M.rouge_mean(recs), "value_by_index": vbi}
 
 
-def _tr_metric(recs, forget: bool) -> dict:
-    ratios = M.truth_ratios(recs)
-    agg = M.forget_truth_ratio(ratios) if forget else M.true_better_truth_ratio(ratios)
+def _tr_metric(recs, forget: bool, convention: str) -> dict:
+    ratios = M.truth_ratios(recs, convention)
+    agg = M.forget_truth_ratio(ratios, convention) if forget else M.true_better_truth_ratio(ratios)
     return {"agg_value": agg, "value_by_index": {str(r["index"]): {"score": x} for r, x in zip(recs, ratios)}}
 
 
@@ -64,8 +70,9 @@ def _score_metric(recs, key: str) -> dict:
 
 
 def open_unlearning_eval(records: Sequence[dict], summary: dict) -> dict:
-    """The TOFU_EVAL.json object for these records and their summary."""
-    s = M.by_split(records)
+    """The TOFU_EVAL.json object for these records (scored: `metrics.with_scores`) and their summary."""
+    convention = summary.get("convention", scores.DEFAULT_CONVENTION)
+    s = M.by_split(M.with_scores(records, convention))
     ev: dict[str, dict] = {}
     for split, pre in _PREFIX.items():
         recs = s.get(split, [])
@@ -78,11 +85,11 @@ def open_unlearning_eval(records: Sequence[dict], summary: dict) -> dict:
         if "rougeL_recall" in recs[0]:
             ev[f"{pre}_Q_A_ROUGE"] = _rouge_metric(recs)
         if split in (M.REAL_AUTHORS, M.WORLD_FACTS):
-            probs = [scores.normalised_prob(r["nll"], r["pert_nll"]) for r in recs]
+            probs = [scores.normalised_prob(r["nll"], r["pert_nll"], convention) for r in recs]
             ev[f"{pre}_Q_A_Prob_normalised"] = {
                 "agg_value": M.mean(probs),
                 "value_by_index": {str(r["index"]): {"prob": p} for r, p in zip(recs, probs)}}
-        tr = _tr_metric(recs, forget=split == M.FORGET)
+        tr = _tr_metric(recs, forget=split == M.FORGET, convention=convention)
         ev["forget_truth_ratio" if split == M.FORGET else f"{pre}_Truth_Ratio"] = tr
     if s.get(M.FORGET_PARA):
         ev["forget_Q_A_PARA_ROUGE"] = _rouge_metric(s[M.FORGET_PARA])
@@ -99,12 +106,14 @@ def open_unlearning_eval(records: Sequence[dict], summary: dict) -> dict:
     ev["model_utility"] = {"agg_value": summary.get("model_utility")}
     ev["forget_quality"] = {"agg_value": summary.get("forget_quality")}
     ev["privleak"] = {"agg_value": summary.get("privleak")}
-    return _clean(dict(sorted(ev.items())))
+    ev = dict(sorted(ev.items()))
+    ev[META_KEY] = {"convention": convention}
+    return _clean(ev)
 
 
 def open_unlearning_summary(ev: dict) -> dict:
     """TOFU_SUMMARY.json: metric name -> agg_value (null kept, so a missing forget quality is visible)."""
-    return {k: v.get("agg_value") for k, v in sorted(ev.items())}
+    return {k: v.get("agg_value") for k, v in sorted(ev.items()) if k != META_KEY}
 
 
 def write_open_unlearning(records: Sequence[dict], summary: dict, out_dir: str | Path) -> tuple[Path, Path]:

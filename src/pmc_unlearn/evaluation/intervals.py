@@ -128,16 +128,19 @@ def summary_intervals(records: Sequence[Record], point: Mapping[str, Any],
 
 def tofu_intervals(records: Sequence[Record], point: Mapping[str, Any], reference=None,
                    n_boot: int = N_BOOT, seed: int = SEED) -> dict[str, Any]:
-    """`summary_intervals` for a TOFU summary made by `metrics.summarize` (the evaluation's own aggregation)."""
+    """`summary_intervals` for a TOFU summary made by `metrics.summarize` (the evaluation's own aggregation),
+    under the summary's metric convention."""
     from pmc_unlearn.evaluation import metrics as M
 
     if n_boot <= 0:
         return {"ci_method": "none (bootstrap turned off)"}
+    convention = point.get("convention", M.DEFAULT_CONVENTION)
+    records = M.with_scores(records, convention)  # once: each resample then keeps the scores
 
     def aggregate(rs):
-        return M.summarize(rs, None, require_forget_quality=False)
+        return M.summarize(rs, None, require_forget_quality=False, convention=convention)
 
     ratios = getattr(reference, "truth_ratios", None) if reference is not None else None
     return summary_intervals(records, point, aggregate, reference_ratios=ratios,
-                             forget_ratio=(lambda r: M.truth_ratios([r])[0]) if ratios else None,
+                             forget_ratio=(lambda r: M.truth_ratios([r], convention)[0]) if ratios else None,
                              n_boot=n_boot, seed=seed)

