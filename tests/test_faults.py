@@ -554,7 +554,7 @@ def _files(d: Path) -> None:
     (d / "numline.jsonl").write_text('{"question": "a?"}\n42\n')
     (d / "huge.jsonl").write_text(json.dumps({"question": "why " * 25000}) + "\n")  # 100,000 characters
     (d / "tokens.jsonl").write_text(json.dumps({"question": "Why is the sky blue? " * 60}) + "\n")  # ~400 tokens
-    (d / "noq.jsonl").write_text('{"text": "a?"}\n')
+    (d / "noq.jsonl").write_text('{"query": "a?"}\n')  # (a `text` column would be a document source)
     (d / "emptyq.jsonl").write_text('{"question": "  "}\n')
     (d / "badjson.json").write_text("{not json")
     (d / "data.txt").write_text("a?")

@@ -209,5 +209,5 @@ def test_reward_comparison_sweep_file():
 
     path = Path(__file__).resolve().parents[1] / "configs" / "sweep-rewards.yaml"
     specs, base, ev = parse_sweep(yaml.safe_load(path.read_text()), path)
-    assert [p["pmc.reward"] for _, p, _ in specs] == list(R.REWARDS)
+    assert [p["pmc.reward"] for _, p, _, _ in specs] == list(R.REWARDS)
     assert base["model"]["name"] == "demo_out/runs/target/model" and ev["forget_split"] == "forget01"

@@ -125,8 +125,9 @@ def _run_muse(args: argparse.Namespace) -> int:
     from pmc_unlearn.evaluation.muse import evaluate_muse
 
     for flag, bad in (("--forget-split", args.forget_split is not None), ("--plain-prompt", args.plain_prompt),
-                      ("--system-prompt", args.system_prompt is not None), ("--retain-sample", args.retain_sample != "perturbed"),
-                      ("--max-new-tokens", args.max_new_tokens != 200)):
+                      ("--system-prompt", args.system_prompt is not None), ("--retain-sample", args.retain_sample is not None),
+                      ("--max-new-tokens", args.max_new_tokens is not None),
+                      ("--protocol", getattr(args, "protocol", None) is not None)):
         if bad:
             raise UserError(f"{flag} is a TOFU option; MUSE-News uses raw-text prompts and its own limits "
                             "(128 tokens for VerbMem, 32 for KnowMem): leave it out with --benchmark muse-news")
