@@ -52,7 +52,7 @@ from typing import Any, Callable
 import yaml
 
 from pmc_unlearn.errors import UserError
-from pmc_unlearn.precision import resolve_bf16, resolve_dtype
+from pmc_unlearn.precision import default_device, resolve_bf16, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -513,9 +513,7 @@ class Demo:
         """The resolved config with paths inside the demo folder made relative (keys do not depend on where it lives)."""
         d = cfg.to_dict()
         # the precision that will run here, not the setting: `auto` differs between machines
-        import torch
-
-        d["train"]["bf16"] = resolve_bf16(cfg.train.bf16, "cuda" if torch.cuda.is_available() else "cpu").bf16
+        d["train"]["bf16"] = resolve_bf16(cfg.train.bf16, default_device()).bf16
         root = str(self.root.resolve())
         for sec in ("model", "data"):
             for k, v in d[sec].items():
@@ -533,9 +531,22 @@ class Demo:
             if m == "pmc" and m in METHODS:  # (a baseline's bad settings only skip it, with a note)
                 self._cfg(m, _deep_merge(self._prompt_sections(), dict(sections or {})), data, data, data)
 
-    def build(self) -> list[Stage]:
+    def _unlearn_wanted(self, m: str, sections, d: Path, stages: list[Stage]) -> bool:
+        """Whether method `m` gets an unlearning stage: not when the profile turns it off (a note) or
+        this build lacks it (a skipped stage, so a later build with the method runs it)."""
         from pmc_unlearn.methods import METHODS
 
+        if sections is False or (sections is None and m != "pmc"):
+            self.notes.append(f"{m}: turned off in the profile (unlearn.{m}: null)")
+            return False
+        if m not in METHODS:
+            note = (f"{m}: not available in this build (pmc_unlearn.methods.METHODS has "
+                    f"{', '.join(sorted(METHODS))}); skipped")
+            stages.append(Stage(f"unlearn/{m}", "unlearn", d, "", lambda resume: {}, 0.0, optional=True, skip_reason=note))
+            return False
+        return True
+
+    def build(self) -> list[Stage]:
         check_output(self.root)
         self._check_configs()  # every stage's config, before anything is written
         claim(self.root)
@@ -552,9 +563,7 @@ class Demo:
         n_retain = sum(1 for _ in data.retain_file.open())
         stages: list[Stage] = []
 
-        import torch
-
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = default_device()
         self.eval_dtype = resolve_dtype(ev.get("dtype", "auto"), "cpu", "evaluate.dtype").dtype
         speeds: dict[bool, float] = {}
 
@@ -597,13 +606,7 @@ class Demo:
         for m, sections in p["unlearn"].items():
             d = root / "runs" / m
             name = f"unlearn/{m}"
-            if sections is False or (sections is None and m != "pmc"):
-                self.notes.append(f"{m}: turned off in the profile (unlearn.{m}: null)")
-                continue
-            if m not in METHODS:
-                note = (f"{m}: not available in this build (pmc_unlearn.methods.METHODS has "
-                        f"{', '.join(sorted(METHODS))}); skipped")
-                stages.append(Stage(name, "unlearn", d, "", lambda resume: {}, 0.0, optional=True, skip_reason=note))
+            if not self._unlearn_wanted(m, sections, d, stages):
                 continue
             sections = _deep_merge(self._prompt_sections(), dict(sections or {}))
             try:
@@ -756,9 +759,7 @@ class Demo:
             _write_json(self.root / DEMO_FILE, demo)
 
         n = len(stages)
-        import torch
-
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = default_device()
         todo = sum(s.est_s for s in stages if not s.skip_reason and read_stage(s.dir).get("key") != s.key)
         prec = resolve_bf16("auto", dev)
         demo["precision"] = {"device": dev, "auto_bf16": prec.bf16, "reason": prec.reason, "eval_dtype": self.eval_dtype}

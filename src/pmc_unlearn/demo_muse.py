@@ -28,7 +28,7 @@ from typing import Any
 
 from pmc_unlearn.demo import DEMO_VERSION, EVAL_DTYPES, Demo, Stage, _RATES, _write_jsonl, digest, speed_scale
 from pmc_unlearn.errors import UserError
-from pmc_unlearn.precision import resolve_dtype
+from pmc_unlearn.precision import default_device, resolve_dtype
 
 BENCHMARK = "muse-news"
 MUSE_KEYS = {"forget_articles", "retain_texts"}
@@ -105,18 +105,15 @@ class MuseDemo(Demo):
                 "retain_texts": len(self.data.retain_docs), "knowmem_forget_covered": self.data.knowmem_forget}
 
     def build(self) -> list[Stage]:
-        import torch
-
         from pmc_unlearn.demo import check_output
         from pmc_unlearn.evaluation.collect import SCHEMA_VERSION
-        from pmc_unlearn.methods import METHODS
 
         check_output(self.root)
         p, root = self.p, self.root.resolve()
         self.data = data = prepare_muse_data(p, root)
         self.specs = []
         base, ev = p["model"], p["evaluate"]
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = default_device()
         self.eval_dtype = resolve_dtype(ev.get("dtype", "auto"), "cpu", "evaluate.dtype").dtype
         scale = speed_scale(False) if dev == "cpu" else 0.25
         r = _RATES["fp32"]
@@ -145,12 +142,7 @@ class MuseDemo(Demo):
         for m, sections in p["unlearn"].items():
             d = root / "runs" / m
             name = f"unlearn/{m}"
-            if sections is False or (sections is None and m != "pmc"):
-                self.notes.append(f"{m}: turned off in the profile (unlearn.{m}: null)")
-                continue
-            if m not in METHODS:
-                stages.append(Stage(name, "unlearn", d, "", lambda resume: {}, 0.0, optional=True,
-                                    skip_reason=f"{m}: not available in this build; skipped"))
+            if not self._unlearn_wanted(m, sections, d, stages):
                 continue
             cfg = self._cfg(m, dict(sections or {}), models["target"][0], str(data.forget_file), str(data.retain_file))
             key = digest({"v": DEMO_VERSION, "benchmark": BENCHMARK, "cfg": self._normal(cfg),

@@ -97,6 +97,11 @@ def _warn_emulated(device: torch.device, what: str) -> None:
                 "set it to auto or float32 to run in fp32", what, device.type.upper(), ratio)
 
 
+def default_device() -> str:
+    """Where a model runs when nothing says otherwise: the GPU when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass(frozen=True)
 class Precision:
     """A resolved precision: what was asked, what runs, and why."""
@@ -111,6 +116,12 @@ class Precision:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "dtype": self.dtype}
+
+    @classmethod
+    def of_model(cls, model) -> "Precision":
+        """The precision of a model the caller loaded (its parameters' dtype, taken as it is)."""
+        dt = next(model.parameters()).dtype
+        return cls(str(dt).removeprefix("torch."), dt == torch.bfloat16, "the caller's loaded model")
 
 
 def _norm(setting) -> str | bool:

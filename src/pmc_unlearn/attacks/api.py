@@ -21,7 +21,7 @@ from typing import Any
 
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import PromptFormat
-from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, resolve_dtype
+from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, default_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,6 @@ def run_attacks(
     (`pmc-unlearn attack --help-settings`). `fmt`: the prompt format; None takes the one saved
     beside a model folder we trained (pmc_unlearn_prompt.json), else the evaluation's.
     """
-    import torch
-
     from pmc_unlearn.evaluation.collect import EVAL_FORMAT, FORGET_SPLITS
     from pmc_unlearn.models import LoadedModel, check_causal_lm, fingerprint, load_model, saved_prompt_format
 
@@ -195,11 +193,10 @@ def run_attacks(
         raise UserError(f"model {model!r}: pass a model name/folder or a models.LoadedModel")
     fmt = fmt or EVAL_FORMAT
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     if isinstance(model, LoadedModel):
-        have = next(model.model.parameters())
-        device = str(have.device)
-        precision = Precision(str(have.dtype).removeprefix("torch."), have.dtype == torch.bfloat16, "the caller's loaded model")
+        device = str(next(model.model.parameters()).device)
+        precision = Precision.of_model(model.model)
     else:
         precision = resolve_dtype(dtype, device, "--dtype")
     run_settings = {"forget_split": forget_split, "max_examples": max_examples, "max_new_tokens": max_new_tokens,

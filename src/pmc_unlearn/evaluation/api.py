@@ -14,8 +14,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import torch
-
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.evaluation import collect as C
 from pmc_unlearn.evaluation import export
@@ -23,7 +21,7 @@ from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation.intervals import tofu_intervals
 from pmc_unlearn.evaluation.reference import check_reference, read_reference
 from pmc_unlearn.formatting import PromptFormat
-from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, resolve_dtype
+from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, default_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +77,13 @@ def load_for_eval(model, dtype: str = "auto", device: str | None = None):
     from pmc_unlearn.models import LoadedModel, load_model
 
     if isinstance(model, LoadedModel):
-        have = next(model.model.parameters())
-        precision = Precision(str(have.dtype).removeprefix("torch."), have.dtype == torch.bfloat16,
-                              "the caller's loaded model")
-        lm = model
+        precision, lm = Precision.of_model(model.model), model
     elif isinstance(model, str):
         if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: this rank's device
             from accelerate import PartialState
 
             device = str(PartialState().device)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         precision = resolve_dtype(dtype, device, "--dtype")
         lm = load_model(model, dtype=precision.dtype, device=device)
     else:
