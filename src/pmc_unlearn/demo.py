@@ -53,6 +53,7 @@ import yaml
 
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.precision import default_device, resolve_bf16, resolve_dtype
+from pmc_unlearn.provenance import hardware, json_safe, version_fields, versions, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +204,6 @@ class DemoData:
     n_forget: int  # forget questions
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def prepare_data(profile: dict[str, Any], root: Path) -> DemoData:
     """Write data/target.jsonl and data/retain.jsonl (question, answer, author) for the profile."""
     from pmc_unlearn.data import load_rows
@@ -237,10 +232,10 @@ def prepare_data(profile: dict[str, Any], root: Path) -> DemoData:
     d.mkdir(parents=True, exist_ok=True)
     target = [row(i) for i in sorted(retain_idx + forget_idx)]
     retain = [row(i) for i in retain_idx]
-    _write_jsonl(d / "target.jsonl", target)
-    _write_jsonl(d / "retain.jsonl", retain)
+    write_jsonl_atomic(d / "target.jsonl", target)
+    write_jsonl_atomic(d / "retain.jsonl", retain)
     forget = [row(i) for i in forget_idx]
-    _write_jsonl(d / "forget.jsonl", forget)
+    write_jsonl_atomic(d / "forget.jsonl", forget)
     fp_rows = load_rows(f"tofu:{fsplit}_perturbed")
     fpos = {r["question"]: k for k, r in enumerate(fp_rows)}
     missing = [r["question"] for r in forget if r["question"] not in fpos]
@@ -307,7 +302,6 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
     """
     from pmc_unlearn.evaluation import collect as C
     from pmc_unlearn.evaluation import metrics as M
-    from pmc_unlearn.evaluation.api import _versions
     from pmc_unlearn.evaluation.reference import read_reference
     from pmc_unlearn.formatting import PromptFormat
     from pmc_unlearn.models import fingerprint, load_model, saved_prompt_format
@@ -342,11 +336,9 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
         "dtype": precision.dtype, "precision": precision.as_dict(),
         "prompt_chat_template": fmt.use_chat_template, "prompt_system": fmt.system_prompt,
         "time_load_s": round(t_load, 3), "time_collect_s": round(t_collect, 3),
-        **(notes or {}), **_versions(),
+        **(notes or {}), **version_fields(),
     })
-    from pmc_unlearn.evaluation.export import _clean
-
-    summary = _clean(summary)
+    summary = json_safe(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -422,12 +414,6 @@ def read_stage(d: Path) -> dict[str, Any]:
         return json.loads((d / STAGE_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
 
 
 def _fmt_s(s: float) -> str:
@@ -751,12 +737,10 @@ class Demo:
                 "demo_version": DEMO_VERSION, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "load_avg_start": list(os.getloadavg()), "stages": [], "notes": list(self.notes),
                 "data": self._data_info()}
-        from pmc_unlearn.rundir import hardware, versions
-
         demo["versions"], demo["hardware"] = versions(), hardware()
 
         def save() -> None:
-            _write_json(self.root / DEMO_FILE, demo)
+            write_json_atomic(self.root / DEMO_FILE, demo)
 
         n = len(stages)
         dev = default_device()
@@ -804,21 +788,21 @@ class Demo:
             rec = {"name": st.name, "key": st.key, "status": "running", "time_s": prev,
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_avg_start": list(os.getloadavg()),
                    "resumes": int(meta.get("resumes", 0)) + (1 if resume else 0)}
-            _write_json(st.dir / STAGE_FILE, rec)
+            write_json_atomic(st.dir / STAGE_FILE, rec)
             t = time.time()
             try:
                 info = st.run(resume)
                 state = "done"
             except KeyboardInterrupt:
                 rec.update(status="interrupted", time_s=round(prev + time.time() - t, 3))
-                _write_json(st.dir / STAGE_FILE, rec)
+                write_json_atomic(st.dir / STAGE_FILE, rec)
                 demo["stages"].append({**entry, "status": "interrupted"})
                 save()
                 raise
             except Exception as e:  # noqa: BLE001 - an optional stage's failure of any kind is noted, not fatal
                 if not st.optional:
                     rec.update(status="failed", error=f"{type(e).__name__}: {e}", time_s=round(prev + time.time() - t, 3))
-                    _write_json(st.dir / STAGE_FILE, rec)
+                    write_json_atomic(st.dir / STAGE_FILE, rec)
                     demo["stages"].append({**entry, "status": "failed", "note": str(e)})
                     save()
                     raise
@@ -829,7 +813,7 @@ class Demo:
                        load_avg_end=list(os.getloadavg()), info=info)
             if state == "done" and info.get("skipped"):
                 rec["status"] = state = "skipped"  # e.g. no attack suite in this build: try again next time
-            _write_json(st.dir / STAGE_FILE, rec)
+            write_json_atomic(st.dir / STAGE_FILE, rec)
             status[st.name] = state
             if state == "done" and not resume and dt > 0.2 * st.est_s:  # (a stage served from the eval cache says nothing)
                 ratio_num += dt
@@ -886,7 +870,7 @@ def run_attack_suite(model: str, out: Path, forget_split: str, settings: dict[st
         return {"skipped": True, "note": f"run_attacks needs arguments the demo does not know ({', '.join(missing)}); skipped"}
     result = run_attacks(**kwargs)
     if not (out / "attacks.json").exists() and isinstance(result, dict):
-        _write_json(out / "attacks.json", result)
+        write_json_atomic(out / "attacks.json", result)
     return {"attacks_json": str(out / "attacks.json")}
 
 

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmc_unlearn.demo import DEMO_VERSION, EVAL_DTYPES, Demo, Stage, _RATES, _write_jsonl, digest, speed_scale
+from pmc_unlearn.demo import DEMO_VERSION, EVAL_DTYPES, Demo, Stage, _RATES, digest, speed_scale
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.precision import default_device, resolve_dtype
+from pmc_unlearn.provenance import write_jsonl_atomic
 
 BENCHMARK = "muse-news"
 MUSE_KEYS = {"forget_articles", "retain_texts"}
@@ -87,9 +88,9 @@ def prepare_muse_data(profile: dict[str, Any], root: Path) -> MuseData:
     d.mkdir(parents=True, exist_ok=True)
     forget = [{"text": arts[j], "muse_forget_doc": j} for j in fdocs]
     ret = [{"text": t, "muse_retain_doc": j} for j, t in enumerate(retain)]
-    _write_jsonl(d / "forget.jsonl", forget)
-    _write_jsonl(d / "retain.jsonl", ret)
-    _write_jsonl(d / "target.jsonl", forget + ret)
+    write_jsonl_atomic(d / "forget.jsonl", forget)
+    write_jsonl_atomic(d / "retain.jsonl", ret)
+    write_jsonl_atomic(d / "target.jsonl", forget + ret)
     h = hashlib.sha256()
     for f in ("forget.jsonl", "retain.jsonl", "target.jsonl"):
         h.update((d / f).read_bytes())

@@ -51,6 +51,7 @@ import yaml
 
 from pmc_unlearn.config import RunConfig, build_section, load_config, opt
 from pmc_unlearn.errors import TrainingDiverged, UserError
+from pmc_unlearn.provenance import write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -347,12 +348,6 @@ def _validate_inputs(sweep: Sweep) -> None:
 
 # ----- running -----------------------------------------------------------------------------------
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -417,13 +412,13 @@ def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
                        "method_info": man.get("method_info", {})}
     if man.get("status") != "completed":
         record.update(status="diverged", summary={})
-        _write_json(done, record)
+        write_json_atomic(done, record)
         return record
 
     # 2. evaluate (resumes from its records; new settings start over)
     settings_file = pdir / "eval_settings.json"
     overwrite = _read_json(settings_file) not in (None, sweep.eval_dict)
-    _write_json(settings_file, sweep.eval_dict)
+    write_json_atomic(settings_file, sweep.eval_dict)
     from pmc_unlearn.evaluation.api import evaluate
     from pmc_unlearn.evaluation.collect import EVAL_FORMAT
     from pmc_unlearn.formatting import PromptFormat
@@ -443,7 +438,7 @@ def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
     finally:
         _free_memory()
     record.update(status="done", eval_s=round(time.perf_counter() - t, 3), summary=_numeric(summary))
-    _write_json(done, record)
+    write_json_atomic(done, record)
     log.info("point %s (%s): UQ=%s U=%s FQ=%s MU=%s", pt.id, pt.label, *(summary.get(k) for k in
              ("unlearn_quality", "utility", "forget_quality", "model_utility")))
     return record
@@ -461,9 +456,7 @@ def finalize(sweep: Sweep, out: Path) -> list[dict]:
     from pmc_unlearn.plots import save_pareto, seed_means
 
     records = [r for pt in sweep.points if (r := _read_json(out / "points" / pt.id / POINT_FILE))]
-    tmp = out / (POINTS_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
-    os.replace(tmp, out / POINTS_FILE)
+    write_jsonl_atomic(out / POINTS_FILE, records, ensure_ascii=True, default=str)
     save_pareto(seed_means(flat_points(records)), out / "pareto",
                 suptitle=f"{sweep.source.name}: {sum(r.get('status') == 'done' for r in records)} of {len(sweep.points)} points")
     return records

@@ -13,7 +13,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import PromptFormat
 from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, default_device, resolve_dtype
+from pmc_unlearn.provenance import git_hash, json_safe, version_fields, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +71,8 @@ def settings_help(names: Sequence[str] = ATTACK_NAMES) -> str:
     return "\n\n".join(config_help(attack_module(n).Settings, n) for n in names)
 
 
-def _clean(x):
-    from pmc_unlearn.evaluation.export import _clean as clean
-
-    return clean(x)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_json_atomic(path, json_safe(obj), ensure_ascii=False)
 
 
 def read_attacks(path: str | Path) -> dict:
@@ -107,24 +99,7 @@ def read_attack_records(path: str | Path) -> list[dict]:
 
 
 def _write_records(path: Path, keep: list[dict], new: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in [*keep, *new]:
-            f.write(json.dumps(_clean(r), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _versions() -> dict[str, str | None]:
-    from pmc_unlearn.evaluation.api import _versions as eval_versions
-
-    v = eval_versions()
-    import importlib.metadata as md
-
-    try:
-        v["version_torchao"] = md.version("torchao")
-    except md.PackageNotFoundError:
-        v["version_torchao"] = None
-    return v
+    write_jsonl_atomic(path, [json_safe(r) for r in [*keep, *new]])
 
 
 def _model_folder(name: str) -> str | None:
@@ -210,7 +185,7 @@ def run_attacks(
     if not overwrite:
         for n in names:
             sec = doc.get("attacks", {}).get(n) if doc else None
-            if sec is not None and sec.get("settings") != _clean(dataclasses.asdict(objs[n])):
+            if sec is not None and sec.get("settings") != json_safe(dataclasses.asdict(objs[n])):
                 raise UserError(f"--output {out}: its {n} section was run with other settings "
                                 f"({_diff(sec.get('settings') or {}, dataclasses.asdict(objs[n]))}); "
                                 "choose another --output or pass --overwrite to run it again")
@@ -244,8 +219,6 @@ def run_attacks(
     out.mkdir(parents=True, exist_ok=True)
     rec_path = out / RECORDS_FILE
     old_records = read_attack_records(rec_path) if doc else []
-    from pmc_unlearn.evaluation.api import _git_hash
-
     if not doc:
         doc = {"schema_version": SCHEMA_VERSION, "attacks": {}}
         _write_records(rec_path, [], [])
@@ -265,7 +238,7 @@ def run_attacks(
         "prompt_chat_template": ctx.chat, "prompt_system": fmt.system_prompt, "prompt_max_length": fmt.max_length,
         "recall": "ROUGE-L recall (rouge_score RougeScorer(['rougeL'], use_stemmer=True), target = ground truth) of greedy "
                   "generations (prompt alone, cut at EOS) unless an attack says otherwise",
-        "records_file": RECORDS_FILE, "time_load_s": round(t_load, 3), "git_commit": _git_hash(), **_versions(),
+        "records_file": RECORDS_FILE, "time_load_s": round(t_load, 3), "git_commit": git_hash(), **version_fields(),
     })
     doc.setdefault("attacks", {})
     attacks_file = out / ATTACKS_FILE
@@ -311,7 +284,7 @@ def run_attacks(
         h = res.headline
         log.info("attack %s: %s = %s (%s: %s) in %.1f s", n, h["metric"], _fmt(h["value"]), h["reference_name"],
                  _fmt(h["reference"]), t.s)
-    return _clean(doc)
+    return json_safe(doc)
 
 
 def _read_or_empty(out: Path) -> dict:
