@@ -15,8 +15,8 @@ words occur in the article), so that KnowMem-forget has questions the target can
 evaluation runs VerbMem and KnowMem-forget on the items those articles cover and uses them as
 PrivLeak's forget side (`evaluate_muse(..., forget_texts=...)`). The retain texts are the first
 `muse.retain_texts` of `muse-news:retain` (MUSE's raw retain corpus is missing upstream).
-Stages, caching and resuming are the TOFU demo's (`demo.Demo`); only the data, the stage list
-and the evaluation differ.
+Stages, caching and resuming are both demos' (`demo_base.DemoBase`); only the data, the stage
+list and the evaluation differ from the TOFU demo's.
 """
 
 from __future__ import annotations
@@ -26,40 +26,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmc_unlearn.demo import DEMO_VERSION, EVAL_DTYPES, Demo, Stage, _RATES, digest, speed_scale
+from pmc_unlearn.demo_base import (
+    DEMO_VERSION, EVAL_DTYPES, RATES, DemoBase, ReportSettings, check_output, check_sections, speed_scale,
+)
 from pmc_unlearn.errors import UserError
+from pmc_unlearn.pipeline import Stage, digest
 from pmc_unlearn.precision import default_device, resolve_dtype
-from pmc_unlearn.provenance import write_jsonl_atomic
+from pmc_unlearn.provenance import write_json_atomic, write_jsonl_atomic
+from pmc_unlearn.sections import opt
 
 BENCHMARK = "muse-news"
-MUSE_KEYS = {"forget_articles", "retain_texts"}
-MUSE_EVAL_KEYS = {"max_examples", "batch_size", "dtype", "max_length"}
+
+
+@dataclass
+class MuseSettings:
+    forget_articles: int = opt(10, "forget articles (muse-news:forget articles covering the most knowmem questions)",
+                               min=1, max=888, required=True)
+    retain_texts: int = opt(10, "retain texts (the first N of muse-news:retain)", min=1, max=100, required=True)
+
+
+@dataclass
+class MuseEvaluateSettings:
+    max_examples: int | None = opt(None, "items per split (null: the evaluation's default)", min=1)
+    batch_size: int = opt(16, "examples per evaluation batch", min=1, required=True)
+    dtype: str = opt("auto", "weights during evaluation: auto, float32, bfloat16", choices=EVAL_DTYPES)
+    max_length: int | None = opt(None, "tokens of each privleak text scored (null: the evaluation's default)", min=1)
+
+
+MUSE_SECTIONS = {"muse": MuseSettings, "evaluate": MuseEvaluateSettings, "report": ReportSettings}
 
 
 def validate_muse_profile(p: dict[str, Any]) -> None:
-    m = p.get("muse")
-    if not isinstance(m, dict) or set(m) - MUSE_KEYS:
-        raise UserError(f"demo profile: section 'muse' takes {', '.join(sorted(MUSE_KEYS))}")
-    for k, hi in (("forget_articles", 888), ("retain_texts", 100)):
-        v = m.get(k)
-        if not isinstance(v, int) or not 1 <= v <= hi:
-            raise UserError(f"muse.{k}={v!r}: a number of texts, 1 to {hi}")
-    for sec in ("finetune", "unlearn", "evaluate"):
-        if not isinstance(p.get(sec), dict):
-            raise UserError(f"demo profile: section '{sec}' is missing or not a mapping")
-    if "pmc" not in p["unlearn"]:
-        raise UserError("demo profile: unlearn.pmc is missing (the demo is about PMC)")
-    ev = p["evaluate"]
-    bad = set(ev) - MUSE_EVAL_KEYS
-    if bad:
-        raise UserError(f"evaluate.{sorted(bad)[0]}: unknown key for a muse-news profile; known: "
-                        f"{', '.join(sorted(MUSE_EVAL_KEYS))}")
-    if ev.get("dtype", "auto") not in EVAL_DTYPES:
-        raise UserError(f"evaluate.dtype={ev.get('dtype')!r}: choose one of {', '.join(EVAL_DTYPES)}")
-    for k in ("max_examples", "batch_size", "max_length"):
-        v = ev.get(k)
-        if not (v is None and k != "batch_size") and (not isinstance(v, int) or v < 1):
-            raise UserError(f"evaluate.{k}={v!r}: must be a positive integer" + (" (or null: the default)" if k != "batch_size" else ""))
+    check_sections(p, MUSE_SECTIONS, required=("muse", "finetune", "unlearn", "evaluate"))
 
 
 @dataclass
@@ -98,7 +96,7 @@ def prepare_muse_data(profile: dict[str, Any], root: Path) -> MuseData:
                     answerable(kf, [arts[j] for j in fdocs]), h.hexdigest()[:16])
 
 
-class MuseDemo(Demo):
+class MuseDemo(DemoBase):
     """The demo's stage runner with MUSE-News data, models and evaluation."""
 
     def _data_info(self) -> dict[str, Any]:
@@ -106,7 +104,6 @@ class MuseDemo(Demo):
                 "retain_texts": len(self.data.retain_docs), "knowmem_forget_covered": self.data.knowmem_forget}
 
     def build(self) -> list[Stage]:
-        from pmc_unlearn.demo import check_output
         from pmc_unlearn.evaluation.collect import SCHEMA_VERSION
 
         check_output(self.root)
@@ -117,7 +114,7 @@ class MuseDemo(Demo):
         dev = default_device()
         self.eval_dtype = resolve_dtype(ev.get("dtype", "auto"), "cpu", "evaluate.dtype").dtype
         scale = speed_scale(False) if dev == "cpu" else 0.25
-        r = _RATES["fp32"]
+        r = RATES["fp32"]
         n_tok = {f: sum(len(x) for x in f.read_text(encoding="utf-8").splitlines()) / 4.0  # ~4 characters a token
                  for f in (data.forget_file, data.retain_file, data.target_file)}
 
@@ -143,7 +140,7 @@ class MuseDemo(Demo):
         for m, sections in p["unlearn"].items():
             d = root / "runs" / m
             name = f"unlearn/{m}"
-            if not self._unlearn_wanted(m, sections, d, stages):
+            if not self._unlearn_wanted(m, sections):
                 continue
             cfg = self._cfg(m, dict(sections or {}), models["target"][0], str(data.forget_file), str(data.retain_file))
             key = digest({"v": DEMO_VERSION, "benchmark": BENCHMARK, "cfg": self._normal(cfg),
@@ -178,8 +175,6 @@ class MuseDemo(Demo):
 
     def _muse_eval_runner(self, model: str, d: Path, reference: Path | None, role: str):
         def run(resume: bool) -> dict:
-            import json
-
             from pmc_unlearn.evaluation.muse import SUMMARY_KEYS, evaluate_muse
 
             ev = self.p["evaluate"]
@@ -189,7 +184,7 @@ class MuseDemo(Demo):
                               batch_size=ev["batch_size"], dtype=self.eval_dtype, progress=self.progress,
                               device="cpu")
             s["demo_role"] = role
-            (d / "summary.json").write_text(json.dumps(s, indent=2))
+            write_json_atomic(d / "summary.json", s)
             return {k: s.get(k) for k in (*SUMMARY_KEYS, "privleak_min_k_auc", "time_collect_s")}
 
         return run

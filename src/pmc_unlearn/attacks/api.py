@@ -20,6 +20,7 @@ from typing import Any
 
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import PromptFormat
+from pmc_unlearn.pipeline import Stage, digest, run_stages
 from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, default_device, resolve_dtype
 from pmc_unlearn.provenance import git_hash, json_safe, version_fields, write_json_atomic, write_jsonl_atomic
 
@@ -53,7 +54,7 @@ def parse_attacks(spec: str | Sequence[str] | None) -> list[str]:
 
 def build_settings(names: Sequence[str], settings: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
     """Each attack's Settings from defaults and `settings` ({attack: {key: value}}, values may be strings)."""
-    from pmc_unlearn.config import build_section
+    from pmc_unlearn.sections import build_section
 
     settings = dict(settings or {})
     for sec in settings:
@@ -66,7 +67,7 @@ def build_settings(names: Sequence[str], settings: Mapping[str, Mapping[str, Any
 
 
 def settings_help(names: Sequence[str] = ATTACK_NAMES) -> str:
-    from pmc_unlearn.config import config_help
+    from pmc_unlearn.sections import config_help
 
     return "\n\n".join(config_help(attack_module(n).Settings, n) for n in names)
 
@@ -244,13 +245,9 @@ def run_attacks(
     attacks_file = out / ATTACKS_FILE
     _write_json(attacks_file, doc)
 
-    from tqdm.auto import tqdm
+    records = {"old": old_records}
 
-    todo = [n for n in names if overwrite or n not in doc["attacks"]]
-    for n in names:
-        if n not in todo:
-            log.info("attack %s: already in %s with the same settings; skipped (--overwrite reruns it)", n, attacks_file)
-    for n in tqdm(todo, desc="attacks", unit="attack", disable=not progress):
+    def run_one(n: str) -> dict:
         had_baseline = set(ctx._baseline)
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         with Timer() as t:
@@ -276,15 +273,37 @@ def run_attacks(
                                "n_examples": len(brecs),
                                "hit_limit_frac": mean([float(r["hit_limit"]) for r in brecs])}
             new += brecs
-        old_records = [r for r in old_records if r.get("attack") not in drop]
-        _write_records(rec_path, old_records, new)
-        old_records += new
+        kept = [r for r in records["old"] if r.get("attack") not in drop]
+        _write_records(rec_path, kept, new)
+        records["old"] = kept + new
         doc["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_json(attacks_file, doc)
         h = res.headline
-        log.info("attack %s: %s = %s (%s: %s) in %.1f s", n, h["metric"], _fmt(h["value"]), h["reference_name"],
-                 _fmt(h["reference"]), t.s)
+        return {"note": f"{h['metric']} = {_fmt(h['value'])} ({h['reference_name']}: {_fmt(h['reference'])})"}
+
+    # one pipeline stage per attack; the key is its settings, a section already in attacks.json is cached
+    stages = [Stage(n, "attack", None, digest(json_safe(dataclasses.asdict(objs[n]))), lambda resume, n=n: run_one(n),
+                    est_s=1.0) for n in names]
+    run_stages(stages, AttackSections(doc, overwrite), label="attacks", say=lambda line: log.info("%s", line))
     return json_safe(doc)
+
+
+class AttackSections:
+    """The attack suite's stage store: the sections of attacks.json (none with `overwrite`)."""
+
+    def __init__(self, doc: dict, overwrite: bool):
+        self.doc = doc
+        self.overwrite = overwrite
+
+    def read(self, st: Stage) -> dict[str, Any]:
+        sec = None if self.overwrite else self.doc["attacks"].get(st.name)
+        return {} if sec is None else {"key": digest(sec.get("settings")), "status": "done", "time_s": sec.get("time_s")}
+
+    def begin(self, st: Stage, resume: bool, rec: dict[str, Any]) -> None:
+        pass  # (run_one writes the section and the records when the attack is done)
+
+    def end(self, st: Stage, rec: dict[str, Any]) -> None:
+        pass
 
 
 def _read_or_empty(out: Path) -> dict:

@@ -85,6 +85,9 @@ def evaluate(
     device: str | None = None,
     bootstrap: int = 1000,
     convention: str = M.DEFAULT_CONVENTION,
+    specs: list | None = None,
+    self_reference: bool = False,
+    extra: dict | None = None,
 ) -> dict:
     """Evaluate a model (alias, folder, hub id, or a `models.LoadedModel`) on TOFU; returns summary.json's dict.
 
@@ -93,6 +96,9 @@ def evaluate(
     the retain model); with False, forget_quality and privleak are null and a note says why.
     `convention` (open-unlearning or pmc-unlearn, docs/metrics.md) chooses the metric definitions;
     the records hold what both need, so the cache serves both, and summary.json says which was used.
+    `specs`: the splits to evaluate (a subset of TOFU's, e.g. the demo's; default `collect.tofu_suite`).
+    `self_reference`: the model is the retain model, its own records the reference (forget quality 1;
+    needs `output_dir`). `extra`: fields added to the summary.
     """
     # 1. validate everything before any work
     if convention not in C.scores.CONVENTIONS:
@@ -106,7 +112,9 @@ def evaluate(
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    specs = C.tofu_suite(forget_split, retain_sample, max_examples)
+    specs = specs if specs is not None else C.tofu_suite(forget_split, retain_sample, max_examples)
+    if self_reference and (retain_records is not None or output_dir is None):
+        raise ValueError("self_reference: the model's own records are the reference; give output_dir, no retain_records")
     forget_items = next(s for s in specs if s.name == M.FORGET).items
     reference = None
     if retain_records is not None:
@@ -158,6 +166,9 @@ def evaluate(
     # 4. aggregate (pure)
     t2 = time.time()
     records = M.with_scores(records, convention)
+    if self_reference and main:
+        C.write_records(records, out / RECORDS_FILE)
+        reference = read_reference(out / RECORDS_FILE, convention)
     summary = M.summarize(records, reference, require_forget_quality=False, convention=convention)
     summary.update(tofu_intervals(records, summary, reference, n_boot=bootstrap))
     t_agg = time.time() - t2
@@ -187,6 +198,7 @@ def evaluate(
         "time_aggregate_s": round(t_agg, 4),
         "git_commit": git_hash(),
         **version_fields(),
+        **(extra or {}),
     })
     summary = json_safe(summary)
 
