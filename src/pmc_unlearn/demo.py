@@ -254,7 +254,6 @@ class Demo(DemoBase):
         p, root = self.p, self.root.resolve()
         data = prepare_data(p, root)
         self.data = data
-        base = p["model"]
         ev = p["evaluate"]
         specs = demo_suite(p["authors"]["forget_split"], data.retain_eval_index,
                            {**ev, "forget": min(ev["forget"], data.n_forget)}, data.forget_eval_index)
@@ -262,7 +261,6 @@ class Demo(DemoBase):
         suite_key = digest([(s.name, s.source, [it.index for it in s.items]) for s in specs])
         n_target = sum(1 for _ in data.target_file.open())
         n_retain = sum(1 for _ in data.retain_file.open())
-        stages: list[Stage] = []
 
         dev = default_device()
         self.eval_dtype = resolve_dtype(ev.get("dtype", "auto"), "cpu", "evaluate.dtype").dtype
@@ -291,38 +289,13 @@ class Demo(DemoBase):
                                         len(s.items[0].pert_answers or []) if s.items else 0) for s in specs if s.nll)
             return (r["fixed"] + n_gen * ev["max_new_tokens"] * r["gen_token"] + n_nll * r["nll_seq"]) * k
 
-        # fine-tuning: target and retain model
-        models: dict[str, tuple[str, str | None]] = {"base": (base, None)}  # name -> (model path, producing stage)
-        for name, f, n in (("target", data.target_file, n_target), ("retain", data.retain_file, n_retain)):
-            cfg = self._cfg("sft", p["finetune"], base, str(f), None)
-            key = digest({"v": DEMO_VERSION, "cfg": self._normal(cfg), "data": data.digest})
-            d = root / "runs" / name
-            stages.append(Stage(f"finetune/{name}", "finetune", d, key, self._train_runner(cfg, d), train_est(cfg, n)))
-            models[name] = (str(d / "model"), f"finetune/{name}")
+        # fine-tuning (target and retain model), then unlearning (PMC first, then the profile's baselines)
+        def est(cfg, size) -> float:
+            return train_est(cfg, size) if size is not None else train_est(cfg, data.n_forget, sampling=cfg.method == "pmc")
 
-        # unlearning methods (PMC first, then the profile's baselines)
-        keys = {s.name: s.key for s in stages}
-        unlearned: list[str] = []
-        for m, sections in p["unlearn"].items():
-            d = root / "runs" / m
-            name = f"unlearn/{m}"
-            if not self._unlearn_wanted(m, sections):
-                continue
-            try:
-                cfg = self._cfg(m, dict(sections or {}), models["target"][0], str(data.forget_file), str(data.retain_file))
-            except UserError as e:
-                if m == "pmc":
-                    raise
-                stages.append(Stage(name, "unlearn", d, "", lambda resume: {}, 0.0, optional=True,
-                                    skip_reason=f"{m}: the profile's settings do not fit this method ({e}); skipped"))
-                continue
-            key = digest({"v": DEMO_VERSION, "cfg": self._normal(cfg), "target": keys["finetune/target"], "data": data.digest})
-            stages.append(Stage(name, "unlearn", d, key, self._train_runner(cfg, d),
-                                train_est(cfg, data.n_forget, sampling=(m == "pmc")),
-                                needs=["finetune/target"], optional=(m != "pmc")))
-            models[m] = (str(d / "model"), name)
-            unlearned.append(m)
-            keys[name] = key
+        stages, models, keys, unlearned = self._training_stages(
+            [("target", data.target_file, n_target), ("retain", data.retain_file, n_retain)],
+            data.forget_file, data.retain_file, data.digest, {}, est)
 
         # evaluation: the retain model first (its records are forget quality's reference)
         from pmc_unlearn.evaluation.collect import SCHEMA_VERSION
@@ -338,22 +311,7 @@ class Demo(DemoBase):
         # the base model's row is optional (evaluate.base): the report's target check then compares
         # the target with the retain model, which never saw the forget authors either
         order = ["retain", "target"] + (["base"] if ev.get("base", True) else []) + unlearned
-        eval_keys: dict[str, str] = {}
-        by_name = {s.name: s for s in stages}
-        for mname in order:
-            path, producer = models[mname]
-            upstream = keys.get(producer) if producer else f"alias:{path}"
-            ref = None if mname == "retain" else eval_keys["retain"]
-            key = digest({**eval_common, "model": upstream, "reference": ref})
-            d = root / "eval" / mname
-            needs = ([producer] if producer else []) + ([] if mname == "retain" else ["eval/retain"])
-            opt_ = bool(producer and by_name[producer].optional)
-            stages.append(Stage(f"eval/{mname}", "eval", d, key,
-                                self._eval_runner(path, d, None if mname == "retain" else root / "eval" / "retain" / "records.jsonl",
-                                                  role=mname),
-                                eval_est(), needs=needs, optional=opt_))
-            eval_keys[mname] = key
-            keys[f"eval/{mname}"] = key
+        stages += self._eval_stages(order, models, keys, stages, eval_common, eval_est())
 
         # attacks on the models the profile names (default: the target and the unlearned models)
         at = p.get("attacks") or {}

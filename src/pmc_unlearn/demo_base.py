@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from pmc_unlearn import pipeline
 from pmc_unlearn.errors import UserError
-from pmc_unlearn.pipeline import Stage, StageFolders
+from pmc_unlearn.pipeline import Stage, StageFolders, digest
 from pmc_unlearn.precision import default_device, resolve_bf16
 from pmc_unlearn.provenance import hardware, versions, write_json_atomic
 from pmc_unlearn.sections import build_section, deep_merge, opt
@@ -195,6 +195,68 @@ class DemoBase:
             self.notes.append(f"{m}: turned off in the profile (unlearn.{m}: null)")
             return False
         return True
+
+    # ----- stages both demos build alike -------------------------------------------------------
+    def _training_stages(self, fine_tunes: list[tuple[str, Path, Any]], forget: Path, retain: Path, data_digest: str,
+                         key_extra: dict[str, Any], est: Callable[[Any, Any], float]):
+        """finetune/<name> for each (name, data file, size) of `fine_tunes` (target first), then unlearn/<method>
+        for the methods the profile turns on, from the target. `est(cfg, size)` estimates a stage (size None:
+        unlearning). Returns (stages, models: name -> (model path, producing stage), keys, unlearned names)."""
+        p, root = self.p, self.root.resolve()
+        stages: list[Stage] = []
+        models: dict[str, tuple[str, str | None]] = {"base": (p["model"], None)}
+        keys: dict[str, str] = {}
+        for name, f, size in fine_tunes:
+            cfg = self._cfg("sft", p["finetune"], p["model"], str(f), None)
+            key = digest({"v": DEMO_VERSION, **key_extra, "cfg": self._normal(cfg), "data": data_digest})
+            d = root / "runs" / name
+            stages.append(Stage(f"finetune/{name}", "finetune", d, key, self._train_runner(cfg, d), est(cfg, size)))
+            models[name] = (str(d / "model"), f"finetune/{name}")
+            keys[f"finetune/{name}"] = key
+        unlearned: list[str] = []
+        for m, sections in p["unlearn"].items():
+            d = root / "runs" / m
+            name = f"unlearn/{m}"
+            if not self._unlearn_wanted(m, sections):
+                continue
+            try:
+                cfg = self._cfg(m, dict(sections or {}), models["target"][0], str(forget), str(retain))
+            except UserError as e:
+                if m == "pmc":
+                    raise
+                stages.append(Stage(name, "unlearn", d, "", lambda resume: {}, 0.0, optional=True,
+                                    skip_reason=f"{m}: the profile's settings do not fit this method ({e}); skipped"))
+                continue
+            key = digest({"v": DEMO_VERSION, **key_extra, "cfg": self._normal(cfg), "target": keys["finetune/target"],
+                          "data": data_digest})
+            stages.append(Stage(name, "unlearn", d, key, self._train_runner(cfg, d), est(cfg, None),
+                                needs=["finetune/target"], optional=(m != "pmc")))
+            models[m] = (str(d / "model"), name)
+            unlearned.append(m)
+            keys[name] = key
+        return stages, models, keys, unlearned
+
+    def _eval_stages(self, order: list[str], models: dict[str, tuple[str, str | None]], keys: dict[str, str],
+                     producers: list[Stage], common: dict[str, Any], est_s: float) -> list[Stage]:
+        """eval/<model> for each model of `order`, the retain model first: its records are the others'
+        reference (forget quality, PrivLeak). Adds the stages' keys to `keys`."""
+        root = self.root.resolve()
+        optional = {s.name: s.optional for s in producers}
+        stages: list[Stage] = []
+        for mname in order:
+            path, producer = models[mname]
+            ref = None if mname == "retain" else keys["eval/retain"]
+            key = digest({**common, "model": keys.get(producer) if producer else f"alias:{path}", "reference": ref})
+            d = root / "eval" / mname
+            needs = ([producer] if producer else []) + ([] if mname == "retain" else ["eval/retain"])
+            reference = None if mname == "retain" else root / "eval" / "retain" / "records.jsonl"
+            stages.append(Stage(f"eval/{mname}", "eval", d, key, self._eval_runner(path, d, reference, mname), est_s,
+                                needs=needs, optional=bool(producer and optional[producer])))
+            keys[f"eval/{mname}"] = key
+        return stages
+
+    def _eval_runner(self, model: str, d: Path, reference: Path | None, role: str) -> Callable[[bool], dict]:
+        raise NotImplementedError
 
     # ----- runners ----------------------------------------------------------------------------
     def _train_runner(self, cfg, d: Path) -> Callable[[bool], dict]:

@@ -30,7 +30,7 @@ from pmc_unlearn.demo_base import (
     DEMO_VERSION, EVAL_DTYPES, RATES, DemoBase, ReportSettings, check_output, check_sections, speed_scale,
 )
 from pmc_unlearn.errors import UserError
-from pmc_unlearn.pipeline import Stage, digest
+from pmc_unlearn.pipeline import Stage
 from pmc_unlearn.precision import default_device, resolve_dtype
 from pmc_unlearn.provenance import write_json_atomic, write_jsonl_atomic
 from pmc_unlearn.sections import opt
@@ -110,7 +110,7 @@ class MuseDemo(DemoBase):
         p, root = self.p, self.root.resolve()
         self.data = data = prepare_muse_data(p, root)
         self.specs = []
-        base, ev = p["model"], p["evaluate"]
+        ev = p["evaluate"]
         dev = default_device()
         self.eval_dtype = resolve_dtype(ev.get("dtype", "auto"), "cpu", "evaluate.dtype").dtype
         scale = speed_scale(False) if dev == "cpu" else 0.25
@@ -126,54 +126,28 @@ class MuseDemo(DemoBase):
 
         n_eval = ev.get("max_examples") or 100
         eval_est = (r["fixed"] + n_eval * (128 + 2 * 32) * r["gen_token"] + 2 * n_eval * r["nll_seq"] * 10) * scale
-        stages: list[Stage] = []
-        models: dict[str, tuple[str, str | None]] = {"base": (base, None)}
-        keys: dict[str, str] = {}
-        for name, f in (("target", data.target_file), ("retain", data.retain_file)):
-            cfg = self._cfg("sft", p["finetune"], base, str(f), None)
-            key = digest({"v": DEMO_VERSION, "benchmark": BENCHMARK, "cfg": self._normal(cfg), "data": data.digest})
-            d = root / "runs" / name
-            stages.append(Stage(f"finetune/{name}", "finetune", d, key, self._train_runner(cfg, d), train_est(cfg, f)))
-            models[name] = (str(d / "model"), f"finetune/{name}")
-            keys[f"finetune/{name}"] = key
-        unlearned: list[str] = []
-        for m, sections in p["unlearn"].items():
-            d = root / "runs" / m
-            name = f"unlearn/{m}"
-            if not self._unlearn_wanted(m, sections):
-                continue
-            cfg = self._cfg(m, dict(sections or {}), models["target"][0], str(data.forget_file), str(data.retain_file))
-            key = digest({"v": DEMO_VERSION, "benchmark": BENCHMARK, "cfg": self._normal(cfg),
-                          "target": keys["finetune/target"], "data": data.digest})
-            est = train_est(cfg, data.forget_file) * 2
-            if m == "pmc":
+
+        def est(cfg, f: Path | None) -> float:
+            if f is not None:
+                return train_est(cfg, f)
+            e = train_est(cfg, data.forget_file) * 2
+            if cfg.method == "pmc":
                 mc = cfg.method_cfg
-                est += n_tok[data.forget_file] / cfg.data.max_length * cfg.train.epochs * mc.n_samples * mc.max_new_tokens \
+                e += n_tok[data.forget_file] / cfg.data.max_length * cfg.train.epochs * mc.n_samples * mc.max_new_tokens \
                     * r["sample_token"] * scale
-            stages.append(Stage(name, "unlearn", d, key, self._train_runner(cfg, d), est,
-                                needs=["finetune/target"], optional=(m != "pmc")))
-            models[m] = (str(d / "model"), name)
-            unlearned.append(m)
-            keys[name] = key
+            return e
+
+        stages, models, keys, unlearned = self._training_stages(
+            [("target", data.target_file, data.target_file), ("retain", data.retain_file, data.retain_file)],
+            data.forget_file, data.retain_file, data.digest, {"benchmark": BENCHMARK}, est)
         common = {"v": DEMO_VERSION, "benchmark": BENCHMARK, "records_schema": SCHEMA_VERSION, "evaluate": ev,
                   "dtype": self.eval_dtype, "data": data.digest}
-        eval_keys: dict[str, str] = {}
-        by_name = {s.name: s for s in stages}
-        for mname in ["retain", "target", "base"] + unlearned:
-            path, producer = models[mname]
-            ref = None if mname == "retain" else eval_keys["retain"]
-            key = digest({**common, "model": keys.get(producer) if producer else f"alias:{path}", "reference": ref})
-            d = root / "eval" / mname
-            needs = ([producer] if producer else []) + ([] if mname == "retain" else ["eval/retain"])
-            reference = None if mname == "retain" else root / "eval" / "retain" / "records.jsonl"
-            stages.append(Stage(f"eval/{mname}", "eval", d, key, self._muse_eval_runner(path, d, reference, mname),
-                                eval_est, needs=needs, optional=bool(producer and by_name[producer].optional)))
-            eval_keys[mname] = key
+        stages += self._eval_stages(["retain", "target", "base"] + unlearned, models, keys, stages, common, eval_est)
         self.notes.append("attacks: not run on muse-news (the attack suite is TOFU's)")
         self.stages = stages
         return stages
 
-    def _muse_eval_runner(self, model: str, d: Path, reference: Path | None, role: str):
+    def _eval_runner(self, model: str, d: Path, reference: Path | None, role: str):
         def run(resume: bool) -> dict:
             from pmc_unlearn.evaluation.muse import SUMMARY_KEYS, evaluate_muse
 
