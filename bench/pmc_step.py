@@ -75,7 +75,7 @@ def build_target(spec: dict) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps({"question": r["question"], "answer": r["answer"]}) + "\n" for r in rows))
-    cfg = load_config(None, [f"model.name={spec['base_model']}", f"data.forget={data}"] + TARGET_TRAIN, method="sft")
+    cfg = load_config(None, [f"model.name={spec['base_model']}", f"sft.data={data}"] + TARGET_TRAIN, method="sft")
     t0 = time.perf_counter()
     T.train(cfg, work / "run")
     (work / "run" / "model" / "bench-target.json").write_text(json.dumps({"rows": len(rows), "train": TARGET_TRAIN}))

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from pmc_unlearn import demo as D
+from pmc_unlearn import demo_base as B
 from pmc_unlearn.errors import UserError
 
 
@@ -159,20 +160,31 @@ def test_demo_resumes_interrupted_training(tmp_path, monkeypatch):
     assert "unlearn/npo" in [s["name"] for s in info["stages"]]
 
 
-def test_demo_notes_a_missing_method_and_attack_suite(tmp_path, monkeypatch):
-    """A baseline not registered in METHODS, or no attack suite, is a visible note, not a failure."""
-    from pmc_unlearn.methods import METHODS
+def test_demo_refuses_an_unknown_method_before_any_work(tmp_path):
+    """Every name under `unlearn` is a method of the registry: a typo is an error, not a silently skipped stage."""
+    with pytest.raises(UserError, match="unlearn.npoo: unknown unlearning method"):
+        D.run_demo("test", tmp_path / "d", ["unlearn.npoo={train: {epochs: 1}}"], progress=False, stream=io.StringIO())
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(UserError, match="unlearn.sft: unknown unlearning method"):
+        D.Demo(D.load_profile("test", ["unlearn.sft={}"]), tmp_path / "e").build()
 
-    monkeypatch.delitem(METHODS, "npo", raising=False)
-    d = D.Demo(D.load_profile("test", ["attacks.enabled=true"]), tmp_path / "d")
-    stages = {s.name: s for s in d.build()}
-    assert "not available in this build" in stages["unlearn/npo"].skip_reason
-    assert "eval/npo" not in stages and "attacks/pmc" in stages
-    import sys
 
-    monkeypatch.setitem(sys.modules, "pmc_unlearn.attacks", None)  # import fails
-    r = D.run_attack_suite("tiny-random", tmp_path / "a", "forget01", {}, 8, progress=False)
-    assert r["skipped"] and "not available" in r["note"]
+def test_demo_profile_sections_are_typed_config_sections(tmp_path):
+    """The demo's own sections report a bad value with the run config's messages (one dialect)."""
+    with pytest.raises(UserError, match=r"authors.rows=21: must be <= 20"):
+        D.load_profile("quick", ["authors.rows=21"])
+    with pytest.raises(UserError, match=r"unknown config key attacks.nmes; known keys in 'attacks'"):
+        D.load_profile("quick", ["attacks.nmes=[sampling]"])
+    with pytest.raises(UserError, match=r"report.examples='x': expected int"):
+        D.load_profile("quick", ["report.examples=x"])
+    with pytest.raises(UserError, match=r"evaluate.max_new_tokens is missing"):
+        D.load_profile("quick", ["evaluate={forget: 2}"])
+    with pytest.raises(UserError, match=r"section.key=value \(e.g. unlearn.pmc.train.epochs=6\)"):
+        D.load_profile("quick", ["unlearn.pmc.train.epochs"])
+    # the run-config sections inside a profile: load_config's own message
+    with pytest.raises(UserError, match=r"train.lr='fast': expected float"):
+        D.run_demo("test", tmp_path / "d", ["finetune.train.lr=fast"], progress=False, stream=io.StringIO())
+    assert not (tmp_path / "d").exists()
 
 
 def test_demo_plan_cli(capsys):
@@ -209,7 +221,7 @@ def test_stage_estimates_follow_the_precision(monkeypatch):
     """The ETA's first estimates use the rate table of the precision that will run, scaled by a matmul probe."""
     from pmc_unlearn import precision as P
 
-    monkeypatch.setattr(D, "matmul_gflops", lambda bf16, size=1024, reps=3: D._REF_GFLOPS["bf16" if bf16 else "fp32"])
+    monkeypatch.setattr(B, "matmul_gflops", lambda bf16, size=1024, reps=3: B.REF_GFLOPS["bf16" if bf16 else "fp32"])
     est = {}
     for native in (True, False):
         monkeypatch.setattr(P, "cpu_native_bf16", lambda native=native: native)
@@ -218,6 +230,6 @@ def test_stage_estimates_follow_the_precision(monkeypatch):
     for name in ("finetune/target", "unlearn/pmc", "eval/target"):
         assert est[False][name] > est[True][name], name
     # a machine half as fast as the table's is estimated twice as long
-    monkeypatch.setattr(D, "matmul_gflops", lambda bf16, size=1024, reps=3: D._REF_GFLOPS["fp32"] / 2)
+    monkeypatch.setattr(B, "matmul_gflops", lambda bf16, size=1024, reps=3: B.REF_GFLOPS["fp32"] / 2)
     slow = {s["name"]: s["est_s"] for s in D.plan("default")["stages"]}
     assert slow["finetune/target"] == pytest.approx(2 * est[False]["finetune/target"], abs=1)

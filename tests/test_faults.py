@@ -315,9 +315,9 @@ def test_demo_keeps_user_files_in_a_stage_it_must_redo(tmp_path):
     assert (pmc / "keep.txt").read_text() == "mine" and (pmc / "model").is_dir()
     assert not (root / "runs" / "target").exists(), "nothing ran"
     with pytest.raises(UserError, match="keep.txt"):
-        D.clear_stage(pmc, "unlearn")
+        D.STORE.clear(pmc, "unlearn")
     (pmc / "keep.txt").unlink()
-    D.clear_stage(pmc, "unlearn")  # only the stage's own files left: removed
+    D.STORE.clear(pmc, "unlearn")  # only the stage's own files left: removed
     assert list(pmc.iterdir()) == []
 
 

@@ -129,7 +129,7 @@ def test_reproduce_md_commands_run_on_tiny_random(tmp_path, capsys):
         assert main(args + TINY[args[0]]) == 0, args
     run = tmp_path / "run"
     ft = yaml.safe_load((run / "full" / "config.yaml").read_text())
-    assert ft["protocol"] == "pmc-paper:phi-1.5" and ft["data"]["forget"] == "tofu:full"
+    assert ft["protocol"] == "pmc-paper:phi-1.5" and ft["sft"]["data"] == "tofu:full"
     assert ft["train"]["lr"] == 1e-3 and ft["train"]["step_count"] == "authors"  # the tiny override wins
     un = yaml.safe_load((run / "pmc-s0" / "config.yaml").read_text())
     assert un["protocol"] == "pmc-paper:phi-1.5" and un["method"] == "pmc"

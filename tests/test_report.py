@@ -148,10 +148,10 @@ def test_report_from_a_demo_folder_shows_stage_times(tmp_path):
     make_eval(root / "eval" / "pmc", str(root / "runs/pmc/model"), "fp_p", 80.0, 70.0, 0.3, 0.4, ["y"] * 3)
     _write(root / "demo.json", {"profile": "test", "profile_settings": {"model": "tiny-random", "report": {"examples": 1}},
                                 "wall_time_s": 61.0, "load_avg_start": [1.0, 1.0, 1.0], "versions": VERSIONS,
-                                "notes": ["attack suite not available in this build; skipped"],
+                                "notes": ["attacks: disabled by the profile (attacks.enabled: false)"],
                                 "stages": [{"name": "finetune/target", "status": "done", "time_s": 30.5, "load_avg": [1.2, 1, 1]},
                                            {"name": "unlearn/pmc", "status": "cached", "time_s": 20.0},
-                                           {"name": "unlearn/npo", "status": "skipped", "note": "npo: not available"},
+                                           {"name": "unlearn/npo", "status": "skipped", "note": "npo: settings do not fit this method"},
                                            *[{"name": f"eval/{n}", "status": "done", "time_s": 9.0}
                                              for n in ("base", "target", "pmc")]]})
     # left over from an earlier profile: not a stage of this demo, so not reported
@@ -159,7 +159,7 @@ def test_report_from_a_demo_folder_shows_stage_times(tmp_path):
     out = build_report([root], root / "report.html")
     page = out["html"].read_text()
     assert '<section id="stages">' in page and "finetune/target" in page and "30.5s" in page and "1.20" in page
-    assert "npo: not available" in page and "attack suite not available" in page
+    assert "npo: settings do not fit this method" in page and "attacks: disabled by the profile" in page
     roles = {m.label: m.role for m in gather([root]).models}
     assert roles == {"base": "base", "target": "target", "pmc": "unlearned"}
     assert page.count('<p class="q">') == 2  # report.examples = 1: one forget and one retain question

@@ -42,12 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (mod, help_) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(_module=mod)
-        try:
-            importlib.import_module(mod).add_arguments(sp)
-        except ModuleNotFoundError as e:
-            if not (e.name and mod.startswith(e.name)):
-                raise
-            sp.set_defaults(_missing=True)
+        importlib.import_module(mod).add_arguments(sp)
     return p
 
 
@@ -65,9 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not args.command:
         parser.print_help()
-        return 2
-    if getattr(args, "_missing", False):
-        print(f"pmc-unlearn: command '{args.command}' is not available in this build", file=sys.stderr)
         return 2
     try:
         check_env()  # PMC_UNLEARN_THREADS and the like, before any output exists

@@ -4,16 +4,18 @@ Every field carries a help text (`pmc-unlearn unlearn --help-config` prints them
 sections or keys and out-of-range values raise `UserError` before any work starts. The resolved
 config is written as `config.yaml` next to every output and is what `--resume` reads back.
 
-Method-specific sections (`pmc:`, and the baselines' sections) are registered by the methods
-themselves in `METHOD_CONFIGS`; only the active method's section is kept in the resolved config.
+Method-specific sections (`pmc:`, the baselines' sections, `sft:`) come from the method registry
+(`pmc_unlearn.methods.REGISTRY`, or the `registry` given to `load_config`); only the active
+method's section is kept in the resolved config. The typed-section machinery (`opt`,
+`build_section`, overrides, the YAML loader) is `pmc_unlearn.sections`, shared with sweeps, demo
+profiles and attack settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,9 @@ from typing import Any
 import yaml
 
 from pmc_unlearn.errors import UserError
+from pmc_unlearn.sections import build_section, deep_merge, load_yaml, opt, parse_overrides
 
-
-def opt(default, help: str, **kw):
-    """A dataclass field with a help text (and optional bounds for validation)."""
-    meta = {"help": help, **kw}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,6 +100,11 @@ class RunConfig:
     def method_cfg(self):
         return self.methods[self.method]
 
+    @property
+    def primary_data(self) -> str:
+        """The data a run trains on first: the method's own `data` key (sft), else the forget set."""
+        return getattr(self.method_cfg, "data", None) or self.data.forget
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"method": self.method}
         if self.protocol:
@@ -114,153 +116,65 @@ class RunConfig:
         return d
 
 
-# name -> method config dataclass; methods register themselves (see pmc_unlearn.methods).
-METHOD_CONFIGS: dict[str, type] = {}
-
-
-def _base_type(tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], type(None) in typing.get_args(tp)
-    return tp, False
-
-
-def _coerce(section: str, f: dataclasses.Field, value: Any, hints: dict[str, Any]) -> Any:
-    key = f"{section}.{f.name}"
-    tp, nullable = _base_type(hints[f.name])
-    if f.metadata.get("auto") and isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"  # a tri-state setting: resolved per device at run time (pmc_unlearn.precision)
-    if value is None:
-        if nullable:
-            return None
-        raise UserError(f"{key}: null is not allowed; give a {tp.__name__}")
-    if isinstance(value, str) and tp is not str:
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise UserError(f"{key}={value!r}: not a valid value") from e
-    try:
-        if tp is bool:
-            if not isinstance(value, bool):
-                raise TypeError
-        elif tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            value = int(value)
-        elif tp is float:
-            if isinstance(value, bool):
-                raise TypeError
-            value = float(value)
-            if not math.isfinite(value):
-                raise UserError(f"{key}={value!r}: must be a finite number")
-        elif tp is str:
-            value = str(value)
-        elif tp in (list, dict) or typing.get_origin(tp) in (list, dict):
-            base = typing.get_origin(tp) or tp
-            if not isinstance(value, base):
-                raise TypeError
-    except (TypeError, ValueError):
-        raise UserError(f"{key}={value!r}: expected {getattr(tp, '__name__', tp)}") from None
-    meta = f.metadata
-    if "choices" in meta and value not in meta["choices"]:
-        raise UserError(f"{key}={value!r}: choose one of {', '.join(map(str, meta['choices']))}")
-    if "min" in meta and value < meta["min"]:
-        raise UserError(f"{key}={value!r}: must be >= {meta['min']}")
-    if "max" in meta and value > meta["max"]:
-        raise UserError(f"{key}={value!r}: must be <= {meta['max']}")
-    if "gt" in meta and not value > meta["gt"]:
-        raise UserError(f"{key}={value!r}: must be > {meta['gt']}")
-    if meta.get("not_zero") and value == 0:
-        raise UserError(f"{key}=0: a run needs at least one step; give a positive number, or -1 for no limit")
-    return value
-
-
-def build_section(cls: type, section: str, values: dict[str, Any], base=None):
-    """A config dataclass from a dict, rejecting unknown keys and bad values."""
-    if not isinstance(values, dict):
-        raise UserError(f"config section '{section}' must be a mapping of key: value")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise UserError(
-            f"unknown config key {section}.{unknown[0]}; known keys in '{section}': {', '.join(sorted(fields))}"
-        )
-    obj = base if base is not None else cls()
-    for k, v in values.items():
-        setattr(obj, k, _coerce(section, fields[k], v, hints))
-    check = getattr(obj, "validate", None)
-    if check:
-        check()
-    return obj
-
-
-def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """`section.key=value` strings -> {section: {key: raw value}} (values parsed later, by type)."""
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise UserError(f"override '{item}': write it as section.key=value (e.g. train.lr=1e-5)")
-        k, v = item.split("=", 1)
-        sec, key = k.split(".", 1)
-        out.setdefault(sec.strip(), {})[key.strip()] = v
-    return out
-
-
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     method: str | None = None,
     extra: dict[str, dict[str, Any]] | None = None,
     defaults: dict[str, dict[str, Any]] | None = None,
+    registry: Mapping[str, type] | None = None,
 ) -> RunConfig:
-    """Resolve a config: built-in defaults < `defaults` < YAML file < `extra` (CLI flags) < overrides."""
-    import pmc_unlearn.methods  # noqa: F401  (registers method config sections)
+    """Resolve a config: built-in defaults < `defaults` < YAML file < `extra` (CLI flags) < overrides.
 
-    raw: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise UserError(f"--config {path}: file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"--config {path}: not valid YAML ({e})") from e
-        if not isinstance(raw, dict):
-            raise UserError(f"--config {path}: expected a mapping of sections")
+    `registry`: method name -> its config section dataclass; None takes the package's
+    (`pmc_unlearn.methods.METHOD_CONFIGS`).
+    """
+    if registry is None:
+        from pmc_unlearn.methods import METHOD_CONFIGS as registry
+    raw = load_yaml(path) if path else {}
     layers: list[dict[str, Any]] = [defaults or {}, raw, extra or {}, parse_overrides(overrides or [])]
     chosen = method or next((layer["method"] for layer in reversed(layers) if isinstance(layer.get("method"), str)), None)
     cfg = RunConfig(method=chosen or "pmc")
     proto = next((layer["protocol"] for layer in reversed(layers) if isinstance(layer.get("protocol"), str)), None)
     cfg.protocol = proto
-    if cfg.method not in METHOD_CONFIGS:
-        raise UserError(f"--method {cfg.method}: unknown method; choose one of {', '.join(sorted(METHOD_CONFIGS))}")
-    sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, **METHOD_CONFIGS}
+    if cfg.method not in registry:
+        raise UserError(f"--method {cfg.method}: unknown method; choose one of {', '.join(sorted(registry))}")
+    if "data" in {f.name for f in dataclasses.fields(registry[cfg.method])}:
+        layers = own_data_key(layers, cfg.method)
+    sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, **registry}
     for layer in layers:
         for sec, values in layer.items():
             if sec in ("method", "protocol"):
                 continue
             if sec not in sections:
                 raise UserError(f"unknown config section '{sec}'; known: method, {', '.join(sections)}")
-            if sec in METHOD_CONFIGS:
+            if sec in registry:
                 if sec != cfg.method:
                     raise UserError(f"config section '{sec}' is for method {sec}, but the method is {cfg.method}; drop it or pass --method {sec}")
                 cfg.methods[sec] = build_section(sections[sec], sec, values, cfg.methods.get(sec))
             else:
                 build_section(sections[sec], sec, values, getattr(cfg, sec))
     if cfg.method not in cfg.methods:
-        cfg.methods[cfg.method] = build_section(METHOD_CONFIGS[cfg.method], cfg.method, {})
+        cfg.methods[cfg.method] = build_section(registry[cfg.method], cfg.method, {})
     return cfg
+
+
+def own_data_key(layers: list[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+    """Layers with an older config's `data.forget` moved to `<method>.data`, for a method whose section
+    has its own training data key (sft: `finetune --data`); unchanged when any layer gives that key."""
+    if any(isinstance(layer.get(method), dict) and "data" in layer[method] for layer in layers):
+        return layers
+    out = []
+    for layer in layers:
+        data = layer.get("data")
+        if isinstance(data, dict) and "forget" in data:
+            log.warning("data.forget as the training data of %s is deprecated: the key is %s.data now "
+                        "(read as %s.data=%s)", method, method, method, data["forget"])
+            layer = {**layer, "data": {k: v for k, v in data.items() if k != "forget"}}
+            layer = deep_merge(layer, {method: {"data": data["forget"]}})
+        out.append(layer)
+    return out
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def config_help(cls: type, section: str) -> str:
-    lines = [f"{section}:"]
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {f.name} = {default!r}  # {f.metadata.get('help', '')}")
-    return "\n".join(lines)

@@ -15,8 +15,8 @@ words occur in the article), so that KnowMem-forget has questions the target can
 evaluation runs VerbMem and KnowMem-forget on the items those articles cover and uses them as
 PrivLeak's forget side (`evaluate_muse(..., forget_texts=...)`). The retain texts are the first
 `muse.retain_texts` of `muse-news:retain` (MUSE's raw retain corpus is missing upstream).
-Stages, caching and resuming are the TOFU demo's (`demo.Demo`); only the data, the stage list
-and the evaluation differ.
+Stages, caching and resuming are both demos' (`demo_base.DemoBase`); only the data, the stage
+list and the evaluation differ from the TOFU demo's.
 """
 
 from __future__ import annotations
@@ -26,39 +26,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pmc_unlearn.demo import DEMO_VERSION, EVAL_DTYPES, Demo, Stage, _RATES, _write_jsonl, digest, speed_scale
+from pmc_unlearn.demo_base import (
+    DEMO_VERSION, EVAL_DTYPES, RATES, DemoBase, ReportSettings, check_output, check_sections, speed_scale,
+)
 from pmc_unlearn.errors import UserError
+from pmc_unlearn.pipeline import Stage
 from pmc_unlearn.precision import default_device, resolve_dtype
+from pmc_unlearn.provenance import write_json_atomic, write_jsonl_atomic
+from pmc_unlearn.sections import opt
 
 BENCHMARK = "muse-news"
-MUSE_KEYS = {"forget_articles", "retain_texts"}
-MUSE_EVAL_KEYS = {"max_examples", "batch_size", "dtype", "max_length"}
+
+
+@dataclass
+class MuseSettings:
+    forget_articles: int = opt(10, "forget articles (muse-news:forget articles covering the most knowmem questions)",
+                               min=1, max=888, required=True)
+    retain_texts: int = opt(10, "retain texts (the first N of muse-news:retain)", min=1, max=100, required=True)
+
+
+@dataclass
+class MuseEvaluateSettings:
+    max_examples: int | None = opt(None, "items per split (null: the evaluation's default)", min=1)
+    batch_size: int = opt(16, "examples per evaluation batch", min=1, required=True)
+    dtype: str = opt("auto", "weights during evaluation: auto, float32, bfloat16", choices=EVAL_DTYPES)
+    max_length: int | None = opt(None, "tokens of each privleak text scored (null: the evaluation's default)", min=1)
+
+
+MUSE_SECTIONS = {"muse": MuseSettings, "evaluate": MuseEvaluateSettings, "report": ReportSettings}
 
 
 def validate_muse_profile(p: dict[str, Any]) -> None:
-    m = p.get("muse")
-    if not isinstance(m, dict) or set(m) - MUSE_KEYS:
-        raise UserError(f"demo profile: section 'muse' takes {', '.join(sorted(MUSE_KEYS))}")
-    for k, hi in (("forget_articles", 888), ("retain_texts", 100)):
-        v = m.get(k)
-        if not isinstance(v, int) or not 1 <= v <= hi:
-            raise UserError(f"muse.{k}={v!r}: a number of texts, 1 to {hi}")
-    for sec in ("finetune", "unlearn", "evaluate"):
-        if not isinstance(p.get(sec), dict):
-            raise UserError(f"demo profile: section '{sec}' is missing or not a mapping")
-    if "pmc" not in p["unlearn"]:
-        raise UserError("demo profile: unlearn.pmc is missing (the demo is about PMC)")
-    ev = p["evaluate"]
-    bad = set(ev) - MUSE_EVAL_KEYS
-    if bad:
-        raise UserError(f"evaluate.{sorted(bad)[0]}: unknown key for a muse-news profile; known: "
-                        f"{', '.join(sorted(MUSE_EVAL_KEYS))}")
-    if ev.get("dtype", "auto") not in EVAL_DTYPES:
-        raise UserError(f"evaluate.dtype={ev.get('dtype')!r}: choose one of {', '.join(EVAL_DTYPES)}")
-    for k in ("max_examples", "batch_size", "max_length"):
-        v = ev.get(k)
-        if not (v is None and k != "batch_size") and (not isinstance(v, int) or v < 1):
-            raise UserError(f"evaluate.{k}={v!r}: must be a positive integer" + (" (or null: the default)" if k != "batch_size" else ""))
+    check_sections(p, MUSE_SECTIONS, required=("muse", "finetune", "unlearn", "evaluate"))
 
 
 @dataclass
@@ -87,9 +86,9 @@ def prepare_muse_data(profile: dict[str, Any], root: Path) -> MuseData:
     d.mkdir(parents=True, exist_ok=True)
     forget = [{"text": arts[j], "muse_forget_doc": j} for j in fdocs]
     ret = [{"text": t, "muse_retain_doc": j} for j, t in enumerate(retain)]
-    _write_jsonl(d / "forget.jsonl", forget)
-    _write_jsonl(d / "retain.jsonl", ret)
-    _write_jsonl(d / "target.jsonl", forget + ret)
+    write_jsonl_atomic(d / "forget.jsonl", forget)
+    write_jsonl_atomic(d / "retain.jsonl", ret)
+    write_jsonl_atomic(d / "target.jsonl", forget + ret)
     h = hashlib.sha256()
     for f in ("forget.jsonl", "retain.jsonl", "target.jsonl"):
         h.update((d / f).read_bytes())
@@ -97,7 +96,7 @@ def prepare_muse_data(profile: dict[str, Any], root: Path) -> MuseData:
                     answerable(kf, [arts[j] for j in fdocs]), h.hexdigest()[:16])
 
 
-class MuseDemo(Demo):
+class MuseDemo(DemoBase):
     """The demo's stage runner with MUSE-News data, models and evaluation."""
 
     def _data_info(self) -> dict[str, Any]:
@@ -105,18 +104,17 @@ class MuseDemo(Demo):
                 "retain_texts": len(self.data.retain_docs), "knowmem_forget_covered": self.data.knowmem_forget}
 
     def build(self) -> list[Stage]:
-        from pmc_unlearn.demo import check_output
         from pmc_unlearn.evaluation.collect import SCHEMA_VERSION
 
         check_output(self.root)
         p, root = self.p, self.root.resolve()
         self.data = data = prepare_muse_data(p, root)
         self.specs = []
-        base, ev = p["model"], p["evaluate"]
+        ev = p["evaluate"]
         dev = default_device()
         self.eval_dtype = resolve_dtype(ev.get("dtype", "auto"), "cpu", "evaluate.dtype").dtype
         scale = speed_scale(False) if dev == "cpu" else 0.25
-        r = _RATES["fp32"]
+        r = RATES["fp32"]
         n_tok = {f: sum(len(x) for x in f.read_text(encoding="utf-8").splitlines()) / 4.0  # ~4 characters a token
                  for f in (data.forget_file, data.retain_file, data.target_file)}
 
@@ -128,57 +126,29 @@ class MuseDemo(Demo):
 
         n_eval = ev.get("max_examples") or 100
         eval_est = (r["fixed"] + n_eval * (128 + 2 * 32) * r["gen_token"] + 2 * n_eval * r["nll_seq"] * 10) * scale
-        stages: list[Stage] = []
-        models: dict[str, tuple[str, str | None]] = {"base": (base, None)}
-        keys: dict[str, str] = {}
-        for name, f in (("target", data.target_file), ("retain", data.retain_file)):
-            cfg = self._cfg("sft", p["finetune"], base, str(f), None)
-            key = digest({"v": DEMO_VERSION, "benchmark": BENCHMARK, "cfg": self._normal(cfg), "data": data.digest})
-            d = root / "runs" / name
-            stages.append(Stage(f"finetune/{name}", "finetune", d, key, self._train_runner(cfg, d), train_est(cfg, f)))
-            models[name] = (str(d / "model"), f"finetune/{name}")
-            keys[f"finetune/{name}"] = key
-        unlearned: list[str] = []
-        for m, sections in p["unlearn"].items():
-            d = root / "runs" / m
-            name = f"unlearn/{m}"
-            if not self._unlearn_wanted(m, sections, d, stages):
-                continue
-            cfg = self._cfg(m, dict(sections or {}), models["target"][0], str(data.forget_file), str(data.retain_file))
-            key = digest({"v": DEMO_VERSION, "benchmark": BENCHMARK, "cfg": self._normal(cfg),
-                          "target": keys["finetune/target"], "data": data.digest})
-            est = train_est(cfg, data.forget_file) * 2
-            if m == "pmc":
+
+        def est(cfg, f: Path | None) -> float:
+            if f is not None:
+                return train_est(cfg, f)
+            e = train_est(cfg, data.forget_file) * 2
+            if cfg.method == "pmc":
                 mc = cfg.method_cfg
-                est += n_tok[data.forget_file] / cfg.data.max_length * cfg.train.epochs * mc.n_samples * mc.max_new_tokens \
+                e += n_tok[data.forget_file] / cfg.data.max_length * cfg.train.epochs * mc.n_samples * mc.max_new_tokens \
                     * r["sample_token"] * scale
-            stages.append(Stage(name, "unlearn", d, key, self._train_runner(cfg, d), est,
-                                needs=["finetune/target"], optional=(m != "pmc")))
-            models[m] = (str(d / "model"), name)
-            unlearned.append(m)
-            keys[name] = key
+            return e
+
+        stages, models, keys, unlearned = self._training_stages(
+            [("target", data.target_file, data.target_file), ("retain", data.retain_file, data.retain_file)],
+            data.forget_file, data.retain_file, data.digest, {"benchmark": BENCHMARK}, est)
         common = {"v": DEMO_VERSION, "benchmark": BENCHMARK, "records_schema": SCHEMA_VERSION, "evaluate": ev,
                   "dtype": self.eval_dtype, "data": data.digest}
-        eval_keys: dict[str, str] = {}
-        by_name = {s.name: s for s in stages}
-        for mname in ["retain", "target", "base"] + unlearned:
-            path, producer = models[mname]
-            ref = None if mname == "retain" else eval_keys["retain"]
-            key = digest({**common, "model": keys.get(producer) if producer else f"alias:{path}", "reference": ref})
-            d = root / "eval" / mname
-            needs = ([producer] if producer else []) + ([] if mname == "retain" else ["eval/retain"])
-            reference = None if mname == "retain" else root / "eval" / "retain" / "records.jsonl"
-            stages.append(Stage(f"eval/{mname}", "eval", d, key, self._muse_eval_runner(path, d, reference, mname),
-                                eval_est, needs=needs, optional=bool(producer and by_name[producer].optional)))
-            eval_keys[mname] = key
+        stages += self._eval_stages(["retain", "target", "base"] + unlearned, models, keys, stages, common, eval_est)
         self.notes.append("attacks: not run on muse-news (the attack suite is TOFU's)")
         self.stages = stages
         return stages
 
-    def _muse_eval_runner(self, model: str, d: Path, reference: Path | None, role: str):
+    def _eval_runner(self, model: str, d: Path, reference: Path | None, role: str):
         def run(resume: bool) -> dict:
-            import json
-
             from pmc_unlearn.evaluation.muse import SUMMARY_KEYS, evaluate_muse
 
             ev = self.p["evaluate"]
@@ -188,7 +158,7 @@ class MuseDemo(Demo):
                               batch_size=ev["batch_size"], dtype=self.eval_dtype, progress=self.progress,
                               device="cpu")
             s["demo_role"] = role
-            (d / "summary.json").write_text(json.dumps(s, indent=2))
+            write_json_atomic(d / "summary.json", s)
             return {k: s.get(k) for k in (*SUMMARY_KEYS, "privleak_min_k_auc", "time_collect_s")}
 
         return run

@@ -12,7 +12,6 @@ Only `pmc-paper` ships (the PMC authors' README rows, docs/reproduce.md).
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +21,7 @@ from typing import Any
 import yaml
 
 from pmc_unlearn.errors import UserError
+from pmc_unlearn.sections import deep_merge
 
 PROTOCOLS = ("pmc-paper",)
 COMMANDS = ("finetune", "unlearn", "eval")
@@ -48,14 +48,6 @@ class Protocol:
 
 def protocol_file(name: str) -> Path:
     return Path(str(resources.files("pmc_unlearn") / "configs" / f"protocol-{name}.yaml"))
-
-
-def _merge(a: dict, b: dict) -> dict:
-    """b over a, section by section (nested mappings merged, other values replaced)."""
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def model_type(model: str) -> str | None:
@@ -100,5 +92,5 @@ def load(spec: str, command: str, model: str | None) -> Protocol:
             raise UserError(f"--protocol {spec}: {model or 'the model'} has {what}, which picks no single variant; "
                             f"name one: {', '.join(f'{name}:{v}' for v in variants)}")
         variant = found[0]
-    settings = _merge(raw.get("common", {}).get(command, {}) or {}, variants[variant].get(command, {}) or {})
+    settings = deep_merge(raw.get("common", {}).get(command, {}) or {}, variants[variant].get(command, {}) or {})
     return Protocol(name, variant, command, settings)

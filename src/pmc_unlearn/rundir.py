@@ -1,4 +1,6 @@
-"""The output folder of a run: manifest, logs, checkpoints. All run-dir disk I/O lives here.
+"""The output folder of a run: manifest, logs, checkpoints; output folders and their locks.
+
+Files are written through `pmc_unlearn.provenance` (atomic writes) or the helpers here (appends, checkpoints).
 
 Layout:
     config.yaml      resolved config (what --resume reads back)
@@ -24,7 +26,6 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -35,62 +36,9 @@ import numpy as np
 import torch
 
 from pmc_unlearn.errors import OutputWriteError, UserError
+from pmc_unlearn.provenance import git_hash, hardware, versions, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "accelerate", "peft", "rouge_score", "numpy", "scipy", "pmc_unlearn"):
-        try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except ImportError:
-            pass
-    try:
-        from importlib.metadata import version
-
-        out["rouge_score"] = version("rouge-score")
-    except Exception:
-        pass
-    return out
-
-
-def git_hash() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        r = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if r.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
-            return r.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return None
-
-
-def hardware() -> dict[str, Any]:
-    from pmc_unlearn.precision import cpu_native_bf16
-
-    hw: dict[str, Any] = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_native_bf16()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                hw["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        hw["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return hw
-
 
 
 # ----- writing files: every write of the run folder goes through these ----------------------------
@@ -117,16 +65,6 @@ def write_failed(e: OSError, where: Path | str, keeps: str = "") -> OutputWriteE
     what = f" {e.filename}" if getattr(e, "filename", None) else ""
     return OutputWriteError(f"could not write{what or ' in ' + str(where)}: {why}"
                             + (f"; {keeps}" if keeps else "") + "; free space (or fix the folder) and run again")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        _write_bytes(tmp, json.dumps(obj, indent=2, default=str).encode())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -233,16 +171,6 @@ class JsonlWriter:
             if isinstance(row, dict) and row.get(key, -1) <= value:
                 keep.append(ln)
         write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        _write_bytes(tmp, text.encode("utf-8"))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def append_atomic(path: Path, data: bytes) -> None:

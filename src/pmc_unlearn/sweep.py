@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import itertools
 import json
 import logging
@@ -47,10 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pmc_unlearn.config import RunConfig, build_section, load_config, opt
+from pmc_unlearn import pipeline
+from pmc_unlearn.config import RunConfig, load_config
 from pmc_unlearn.errors import TrainingDiverged, UserError
+from pmc_unlearn.provenance import write_json_atomic, write_jsonl_atomic
+from pmc_unlearn.sections import build_section, load_yaml, opt, set_dotted
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +137,6 @@ def _grid(where: str, grid: Any) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for key, v in flat.items():
-        sec, k = key.split(".", 1)
-        out.setdefault(sec, {})[k] = v
-    return out
-
-
 def _fmt_value(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -155,8 +147,8 @@ def _label(method: str, params: dict[str, Any]) -> str:
 
 
 def point_id(cfg: RunConfig) -> str:
-    blob = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
-    return f"{cfg.method}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    """method-<hash of the resolved run config>: the point's folder (and its training stage's key)."""
+    return f"{cfg.method}-{pipeline.digest(cfg.to_dict())[:10]}"
 
 
 def infer_forget_split(cfg: RunConfig) -> str | None:
@@ -206,9 +198,7 @@ def parse_sweep(raw: Any, source: Path) -> tuple[list[tuple[str, dict[str, Any],
     if top_seeds and ("seed" in (base.get("train") or {}) or "train.seed" in shared):
         raise UserError("sweep: train.seed and seeds both given; keep one")
 
-    from pmc_unlearn.config import METHOD_CONFIGS
-
-    import pmc_unlearn.methods  # noqa: F401  (registers the methods)
+    from pmc_unlearn.methods import METHOD_CONFIGS
 
     def check_method(where: str, m: Any) -> str:
         if not isinstance(m, str) or m not in METHOD_CONFIGS:
@@ -271,13 +261,7 @@ def parse_sweep(raw: Any, source: Path) -> tuple[list[tuple[str, dict[str, Any],
 def load_sweep(path: str | Path) -> Sweep:
     """Read the sweep file and validate every point (config, data, model) and the eval settings."""
     p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"--config {path}: file not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"--config {path}: not valid YAML ({e})") from e
-    specs, base, ev_raw = parse_sweep(raw, p)
+    specs, base, ev_raw = parse_sweep(load_yaml(p), p)
     ev = build_section(EvalSettings, "eval", ev_raw)
 
     points: list[Point] = []
@@ -288,8 +272,8 @@ def load_sweep(path: str | Path) -> Sweep:
             run_params = params if seed is None else {**params, "train.seed": seed}
             label = group if seed is None else f"{group} seed={seed}"
             sections = {sec: dict(vals) for sec, vals in base.items()}
-            for sec, vals in _nest(run_params).items():
-                sections.setdefault(sec, {}).update(vals)
+            for key, value in run_params.items():  # (section.key, checked by parse_sweep)
+                set_dotted(sections, key, value)
             try:
                 cfg = load_config(method=method, extra=sections)
             except UserError as e:
@@ -347,12 +331,6 @@ def _validate_inputs(sweep: Sweep) -> None:
 
 # ----- running -----------------------------------------------------------------------------------
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -378,14 +356,54 @@ def _free_memory() -> None:
         pass
 
 
+class PointFiles:
+    """The sweep's stage store: a point is done when its point.json exists with the sweep's evaluation
+    settings (the stage key is their digest), or records a diverged run (nothing more to do). Everything
+    else resumes inside `run_point`: training from its manifest and checkpoints, evaluation from its records."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def read(self, st: pipeline.Stage) -> dict[str, Any]:
+        prev = _read_json(self.out / "points" / st.name / POINT_FILE)
+        if not prev:
+            return {}
+        key = st.key if prev.get("status") == "diverged" else pipeline.digest(prev.get("eval_settings"))
+        return {"key": key, "status": "done", "time_s": (prev.get("train") or {}).get("wall_time_s")}
+
+    def begin(self, st: pipeline.Stage, resume: bool, rec: dict[str, Any]) -> None:
+        pass  # (point.json is written by run_point when the point is finished)
+
+    def end(self, st: pipeline.Stage, rec: dict[str, Any]) -> None:
+        pass
+
+
+def point_stages(sweep: Sweep, points: list[Point], out: Path) -> list[pipeline.Stage]:
+    """One stage per point (its name the point's id); one second each as the ETA's unit, so the ETA
+    becomes the mean time of the points run so far times the points left."""
+    key = pipeline.digest(sweep.eval_dict)
+    return [pipeline.Stage(pt.id, "point", out / "points" / pt.id, key,
+                           lambda resume, pt=pt: {"status": run_point(sweep, pt, out)["status"]}, est_s=1.0)
+            for pt in points]
+
+
+def run_points(sweep: Sweep, points: list[Point], out: Path) -> None:
+    """Run the unfinished points of `points`, one after another, with a line per point."""
+    labels = {pt.id: pt.label for pt in points}
+    pipeline.run_stages(point_stages(sweep, points, out), PointFiles(out), label="sweep",
+                        say=lambda line: log.info("%s", _with_labels(line, labels)))
+
+
+def _with_labels(line: str, labels: dict[str, str]) -> str:
+    head, sep, rest = line.partition(": ")
+    pid = head.rsplit(" ", 1)[-1]
+    return f"{head} ({labels[pid]}){sep}{rest}" if pid in labels else line
+
+
 def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
-    """Train (or resume) and evaluate one point; returns its point.json record. Skips finished work."""
+    """Train (or resume) and evaluate one point; returns its point.json record."""
     pdir = out / "points" / pt.id
     run_dir, eval_dir, done = pdir / "run", pdir / "eval", pdir / POINT_FILE
-    prev = _read_json(done)
-    if prev and (prev.get("status") == "diverged" or prev.get("eval_settings") == sweep.eval_dict):
-        log.info("point %s (%s): finished, skipped", pt.id, pt.label)
-        return prev
     pdir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"id": pt.id, "label": pt.label, "group": pt.group or pt.label, "seed": pt.seed,
                               "method": pt.method, "params": pt.params,
@@ -417,13 +435,13 @@ def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
                        "method_info": man.get("method_info", {})}
     if man.get("status") != "completed":
         record.update(status="diverged", summary={})
-        _write_json(done, record)
+        write_json_atomic(done, record)
         return record
 
     # 2. evaluate (resumes from its records; new settings start over)
     settings_file = pdir / "eval_settings.json"
     overwrite = _read_json(settings_file) not in (None, sweep.eval_dict)
-    _write_json(settings_file, sweep.eval_dict)
+    write_json_atomic(settings_file, sweep.eval_dict)
     from pmc_unlearn.evaluation.api import evaluate
     from pmc_unlearn.evaluation.collect import EVAL_FORMAT
     from pmc_unlearn.formatting import PromptFormat
@@ -443,7 +461,7 @@ def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
     finally:
         _free_memory()
     record.update(status="done", eval_s=round(time.perf_counter() - t, 3), summary=_numeric(summary))
-    _write_json(done, record)
+    write_json_atomic(done, record)
     log.info("point %s (%s): UQ=%s U=%s FQ=%s MU=%s", pt.id, pt.label, *(summary.get(k) for k in
              ("unlearn_quality", "utility", "forget_quality", "model_utility")))
     return record
@@ -461,9 +479,7 @@ def finalize(sweep: Sweep, out: Path) -> list[dict]:
     from pmc_unlearn.plots import save_pareto, seed_means
 
     records = [r for pt in sweep.points if (r := _read_json(out / "points" / pt.id / POINT_FILE))]
-    tmp = out / (POINTS_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
-    os.replace(tmp, out / POINTS_FILE)
+    write_jsonl_atomic(out / POINTS_FILE, records, ensure_ascii=True, default=str)
     save_pareto(seed_means(flat_points(records)), out / "pareto",
                 suptitle=f"{sweep.source.name}: {sum(r.get('status') == 'done' for r in records)} of {len(sweep.points)} points")
     return records
@@ -526,12 +542,8 @@ def run_workers(sweep: Sweep, out: Path, devices: list[str]) -> None:
 
 def check_output(out: Path) -> None:
     """A sweep folder is new, empty, or an earlier sweep's (which is then resumed); never someone else's."""
-    from pmc_unlearn import rundir
-
-    rundir.check_writable(out)
-    if rundir.folder_entries(out) and not owns(out):
-        raise UserError(f"--output {out}: folder is not empty and holds no {SWEEP_COPY} of an earlier sweep; choose a "
-                        "new folder (a sweep writes only into folders it created)")
+    pipeline.check_owned(out, owns(out), f"--output {out}: folder is not empty and holds no {SWEEP_COPY} of an earlier "
+                                         "sweep; choose a new folder (a sweep writes only into folders it created)")
 
 
 def owns(out: Path) -> bool:
@@ -544,16 +556,14 @@ def run_sweep(sweep: Sweep, out: Path, devices: list[str] | None = None, worker:
     worker, write points.jsonl and the plots. Returns the records of the sweep's finished points."""
     if worker is not None:  # (the parent holds the folder's lock; each point's run takes its own)
         k, n = worker
-        for pt in sweep.points[k::n]:
-            run_point(sweep, pt, out)
+        run_points(sweep, sweep.points[k::n], out)
         return []
     from pmc_unlearn import rundir
 
     check_output(out)
     rundir.make_folder(out)
     with rundir.OutputLock(out):
-        if not (out / SWEEP_MARKER).exists():
-            (out / SWEEP_MARKER).write_text("pmc-unlearn sweep folder: rerunning the sweep here resumes it\n")
+        pipeline.claim(out, SWEEP_MARKER, "pmc-unlearn sweep folder: rerunning the sweep here resumes it\n")
         return _run_sweep(sweep, out, devices)
 
 
@@ -562,7 +572,5 @@ def _run_sweep(sweep: Sweep, out: Path, devices: list[str] | None) -> list[dict]
     if devices:
         run_workers(sweep, out, devices)
     else:
-        for i, pt in enumerate(sweep.points, 1):
-            log.info("sweep point %d of %d: %s", i, len(sweep.points), pt.label)
-            run_point(sweep, pt, out)
+        run_points(sweep, sweep.points, out)
     return finalize(sweep, out)

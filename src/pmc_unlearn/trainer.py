@@ -166,7 +166,7 @@ def _set_rng_state(s: dict[str, Any]) -> None:
 
 def load_data(cfg: RunConfig, method: Method) -> tuple[list[dict], list[dict]]:
     d = cfg.data
-    primary = load_qa(d.forget, d.question_key, d.answer_key, require_answers=method.uses_primary_answers, role="forget",
+    primary = load_qa(cfg.primary_data, d.question_key, d.answer_key, require_answers=method.uses_primary_answers, role="forget",
                       allow_text=True)
     if not method.uses_primary_answers:
         # The privacy promise: methods that need only the questions never hold the answers.
@@ -223,7 +223,7 @@ def check_lengths(cfg: RunConfig, primary: list[dict], retain: list[dict]) -> No
     tok = load_tokenizer(cfg.model.name)
     fmt = PromptFormat(cfg.data.use_chat_template, cfg.data.system_prompt, limit)
     overhead = len(prompt_ids(tok, "x", fmt)) - len(tok("x", add_special_tokens=False)["input_ids"])
-    for role, source, all_rows in (("forget", cfg.data.forget, primary), ("retain", cfg.data.retain, retain)):
+    for role, source, all_rows in (("forget", cfg.primary_data, primary), ("retain", cfg.data.retain, retain)):
         # text rows (documents) are cut into chunks that fit data.max_length (chunk_rows): nothing to check
         rows = {i: r for i, r in enumerate(all_rows) if not is_text_row(r)}
         if not rows:
@@ -257,7 +257,7 @@ def chunk_rows(cfg: RunConfig, method: Method, tokenizer, primary: list[dict], r
         log.info("forget texts: %d documents -> %d chunks of at most %d tokens (prefix %d tokens)",
                  n_docs, len(primary), d.max_length, d.text_prefix_tokens)
     if not primary:
-        raise UserError(f"forget source {d.forget}: no text chunk of at least 2 tokens; check the data")
+        raise UserError(f"forget source {cfg.primary_data}: no text chunk of at least 2 tokens; check the data")
     return primary, retain
 
 

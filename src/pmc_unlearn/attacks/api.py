@@ -13,7 +13,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +20,9 @@ from typing import Any
 
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import PromptFormat
+from pmc_unlearn.pipeline import Stage, digest, run_stages
 from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, default_device, resolve_dtype
+from pmc_unlearn.provenance import git_hash, json_safe, version_fields, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def parse_attacks(spec: str | Sequence[str] | None) -> list[str]:
 
 def build_settings(names: Sequence[str], settings: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
     """Each attack's Settings from defaults and `settings` ({attack: {key: value}}, values may be strings)."""
-    from pmc_unlearn.config import build_section
+    from pmc_unlearn.sections import build_section
 
     settings = dict(settings or {})
     for sec in settings:
@@ -66,21 +67,13 @@ def build_settings(names: Sequence[str], settings: Mapping[str, Mapping[str, Any
 
 
 def settings_help(names: Sequence[str] = ATTACK_NAMES) -> str:
-    from pmc_unlearn.config import config_help
+    from pmc_unlearn.sections import config_help
 
     return "\n\n".join(config_help(attack_module(n).Settings, n) for n in names)
 
 
-def _clean(x):
-    from pmc_unlearn.evaluation.export import _clean as clean
-
-    return clean(x)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_json_atomic(path, json_safe(obj), ensure_ascii=False)
 
 
 def read_attacks(path: str | Path) -> dict:
@@ -107,24 +100,7 @@ def read_attack_records(path: str | Path) -> list[dict]:
 
 
 def _write_records(path: Path, keep: list[dict], new: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for r in [*keep, *new]:
-            f.write(json.dumps(_clean(r), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _versions() -> dict[str, str | None]:
-    from pmc_unlearn.evaluation.api import _versions as eval_versions
-
-    v = eval_versions()
-    import importlib.metadata as md
-
-    try:
-        v["version_torchao"] = md.version("torchao")
-    except md.PackageNotFoundError:
-        v["version_torchao"] = None
-    return v
+    write_jsonl_atomic(path, [json_safe(r) for r in [*keep, *new]])
 
 
 def _model_folder(name: str) -> str | None:
@@ -210,7 +186,7 @@ def run_attacks(
     if not overwrite:
         for n in names:
             sec = doc.get("attacks", {}).get(n) if doc else None
-            if sec is not None and sec.get("settings") != _clean(dataclasses.asdict(objs[n])):
+            if sec is not None and sec.get("settings") != json_safe(dataclasses.asdict(objs[n])):
                 raise UserError(f"--output {out}: its {n} section was run with other settings "
                                 f"({_diff(sec.get('settings') or {}, dataclasses.asdict(objs[n]))}); "
                                 "choose another --output or pass --overwrite to run it again")
@@ -244,8 +220,6 @@ def run_attacks(
     out.mkdir(parents=True, exist_ok=True)
     rec_path = out / RECORDS_FILE
     old_records = read_attack_records(rec_path) if doc else []
-    from pmc_unlearn.evaluation.api import _git_hash
-
     if not doc:
         doc = {"schema_version": SCHEMA_VERSION, "attacks": {}}
         _write_records(rec_path, [], [])
@@ -265,19 +239,15 @@ def run_attacks(
         "prompt_chat_template": ctx.chat, "prompt_system": fmt.system_prompt, "prompt_max_length": fmt.max_length,
         "recall": "ROUGE-L recall (rouge_score RougeScorer(['rougeL'], use_stemmer=True), target = ground truth) of greedy "
                   "generations (prompt alone, cut at EOS) unless an attack says otherwise",
-        "records_file": RECORDS_FILE, "time_load_s": round(t_load, 3), "git_commit": _git_hash(), **_versions(),
+        "records_file": RECORDS_FILE, "time_load_s": round(t_load, 3), "git_commit": git_hash(), **version_fields(),
     })
     doc.setdefault("attacks", {})
     attacks_file = out / ATTACKS_FILE
     _write_json(attacks_file, doc)
 
-    from tqdm.auto import tqdm
+    records = {"old": old_records}
 
-    todo = [n for n in names if overwrite or n not in doc["attacks"]]
-    for n in names:
-        if n not in todo:
-            log.info("attack %s: already in %s with the same settings; skipped (--overwrite reruns it)", n, attacks_file)
-    for n in tqdm(todo, desc="attacks", unit="attack", disable=not progress):
+    def run_one(n: str) -> dict:
         had_baseline = set(ctx._baseline)
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         with Timer() as t:
@@ -303,15 +273,37 @@ def run_attacks(
                                "n_examples": len(brecs),
                                "hit_limit_frac": mean([float(r["hit_limit"]) for r in brecs])}
             new += brecs
-        old_records = [r for r in old_records if r.get("attack") not in drop]
-        _write_records(rec_path, old_records, new)
-        old_records += new
+        kept = [r for r in records["old"] if r.get("attack") not in drop]
+        _write_records(rec_path, kept, new)
+        records["old"] = kept + new
         doc["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         _write_json(attacks_file, doc)
         h = res.headline
-        log.info("attack %s: %s = %s (%s: %s) in %.1f s", n, h["metric"], _fmt(h["value"]), h["reference_name"],
-                 _fmt(h["reference"]), t.s)
-    return _clean(doc)
+        return {"note": f"{h['metric']} = {_fmt(h['value'])} ({h['reference_name']}: {_fmt(h['reference'])})"}
+
+    # one pipeline stage per attack; the key is its settings, a section already in attacks.json is cached
+    stages = [Stage(n, "attack", None, digest(json_safe(dataclasses.asdict(objs[n]))), lambda resume, n=n: run_one(n),
+                    est_s=1.0) for n in names]
+    run_stages(stages, AttackSections(doc, overwrite), label="attacks", say=lambda line: log.info("%s", line))
+    return json_safe(doc)
+
+
+class AttackSections:
+    """The attack suite's stage store: the sections of attacks.json (none with `overwrite`)."""
+
+    def __init__(self, doc: dict, overwrite: bool):
+        self.doc = doc
+        self.overwrite = overwrite
+
+    def read(self, st: Stage) -> dict[str, Any]:
+        sec = None if self.overwrite else self.doc["attacks"].get(st.name)
+        return {} if sec is None else {"key": digest(sec.get("settings")), "status": "done", "time_s": sec.get("time_s")}
+
+    def begin(self, st: Stage, resume: bool, rec: dict[str, Any]) -> None:
+        pass  # (run_one writes the section and the records when the attack is done)
+
+    def end(self, st: Stage, rec: dict[str, Any]) -> None:
+        pass
 
 
 def _read_or_empty(out: Path) -> dict:

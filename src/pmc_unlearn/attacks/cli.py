@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
 
     from pmc_unlearn.attacks.api import parse_attacks, run_attacks, settings_help
-    from pmc_unlearn.config import parse_overrides
+    from pmc_unlearn.sections import parse_overrides
     from pmc_unlearn.errors import UserError
 
     if args.help_settings:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pmc_unlearn.attacks.common import AttackContext, AttackResult, load_items, rouge_l_recall
 from pmc_unlearn.attacks.pure import join_prefix, mean, prefix_text
-from pmc_unlearn.config import opt
+from pmc_unlearn.sections import opt
 from pmc_unlearn.errors import UserError
 
 RETAIN_SOURCE = "tofu:retain_perturbed"

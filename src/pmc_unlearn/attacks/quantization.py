@@ -32,7 +32,7 @@ import torch
 
 from pmc_unlearn.attacks.common import AttackContext, AttackResult, Timer, rouge_l_recall
 from pmc_unlearn.attacks.pure import mean
-from pmc_unlearn.config import opt
+from pmc_unlearn.sections import opt
 from pmc_unlearn.errors import UserError
 
 BITS = (8, 4)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pmc_unlearn.attacks.common import AttackContext, AttackResult, Item, Timer, rouge_l_recall
 from pmc_unlearn.attacks.pure import AUTHOR_SIZE, author_rows, author_split, mean, n_authors, pick_authors
-from pmc_unlearn.config import opt
+from pmc_unlearn.sections import opt
 from pmc_unlearn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def _finetune(ctx: AttackContext, s: Settings, base_folder: str, rows: list[dict
                             for r in rows), encoding="utf-8")
     extra = {
         "model": {"name": base_folder, "dtype": ctx.dtype},
-        "data": {"forget": str(data), "use_chat_template": ctx.fmt.use_chat_template,
+        "sft": {"data": str(data)},
+        "data": {"use_chat_template": ctx.fmt.use_chat_template,
                  "system_prompt": ctx.fmt.system_prompt, "max_length": ctx.fmt.max_length},
         "train": {"epochs": s.epochs, "max_steps": s.max_steps, "lr": s.lr, "warmup_epochs": s.warmup_epochs,
                   "batch_size": s.batch_size, "grad_accum": s.grad_accum, "weight_decay": s.weight_decay,

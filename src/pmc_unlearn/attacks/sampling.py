@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pmc_unlearn.attacks.common import AttackContext, AttackResult, rouge_l_recall
 from pmc_unlearn.attacks.pure import aggregate_samples, mean
-from pmc_unlearn.config import opt
+from pmc_unlearn.sections import opt
 from pmc_unlearn.errors import UserError
 
 

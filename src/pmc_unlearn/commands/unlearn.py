@@ -30,15 +30,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retain", help="retain set: tofu:<split>, a local file, or a hub dataset")
 
 
-def resolve(args, method: str | None, primary_key: str = "forget", defaults: dict | None = None,
+def resolve(args, method: str | None, primary_key: str = "data.forget", defaults: dict | None = None,
             command: str = "unlearn"):
+    """The run config from --config, the flags (`primary_key`: where the primary data flag goes) and overrides."""
     from pmc_unlearn.config import load_config
+    from pmc_unlearn.sections import set_dotted
 
     extra: dict[str, dict] = {}
     if args.model:
         extra.setdefault("model", {})["name"] = args.model
     if args.primary:
-        extra.setdefault("data", {})[primary_key] = args.primary
+        set_dotted(extra, primary_key, args.primary)
     if getattr(args, "retain", None):
         extra.setdefault("data", {})["retain"] = args.retain
     if args.resume:
@@ -64,6 +66,7 @@ def apply_protocol(args, command: str, method: str | None, extra: dict, defaults
 
     from pmc_unlearn import protocol
     from pmc_unlearn.config import load_config
+    from pmc_unlearn.sections import deep_merge
 
     start = load_config(args.config, args.overrides, method=method, extra=extra, defaults=defaults)
     proto = protocol.load(args.protocol, command, start.model.name)
@@ -72,7 +75,7 @@ def apply_protocol(args, command: str, method: str | None, extra: dict, defaults
     if pmethod and method and method != pmethod:
         raise UserError(f"--protocol {args.protocol}: it is a {pmethod} run; drop --method {method}")
     print(proto.describe(), file=sys.stderr)
-    merged = protocol._merge(defaults or {}, settings)
+    merged = deep_merge(defaults or {}, settings)
     merged["protocol"] = proto.label
     return method or pmethod, merged
 
@@ -80,9 +83,9 @@ def apply_protocol(args, command: str, method: str | None, extra: dict, defaults
 def print_help_config(method: str | None) -> int:
     import dataclasses
 
-    from pmc_unlearn.config import METHOD_CONFIGS, DataConfig, ModelConfig, TrainConfig, config_help
-
-    import pmc_unlearn.methods  # noqa: F401
+    from pmc_unlearn.config import DataConfig, ModelConfig, TrainConfig
+    from pmc_unlearn.methods import METHOD_CONFIGS
+    from pmc_unlearn.sections import config_help
 
     parts = [config_help(ModelConfig, "model"), config_help(DataConfig, "data"), config_help(TrainConfig, "train")]
     for name, cls in METHOD_CONFIGS.items():

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from pmc_unlearn.evaluation.intervals import tofu_intervals
 from pmc_unlearn.evaluation.reference import check_reference, read_reference
 from pmc_unlearn.formatting import PromptFormat
 from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, default_device, resolve_dtype
+from pmc_unlearn.provenance import barrier, git_hash, json_safe, launched_processes, rank_world, version_fields
 
 log = logging.getLogger(__name__)
 
@@ -30,32 +29,7 @@ RECORDS_FILE = "records.jsonl"
 DTYPES = WEIGHT_DTYPES  # auto: bfloat16 where the device runs it natively (pmc_unlearn.precision)
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("pmc-unlearn", "torch", "transformers", "accelerate", "rouge-score", "scipy", "scikit-learn", "numpy"):
-        try:
-            out[f"version_{pkg.replace('-', '_')}"] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[f"version_{pkg.replace('-', '_')}"] = None
-    return out
-
-
-def _git_hash() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                           cwd=Path(__file__).resolve().parent)
-        return r.stdout.strip() or None if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _json_safe(x):
-    return export._clean(x)
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
+def check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out}: is a file; pass a folder (it is created when missing)")
     from pmc_unlearn.rundir import check_writable
@@ -79,7 +53,7 @@ def load_for_eval(model, dtype: str = "auto", device: str | None = None):
     if isinstance(model, LoadedModel):
         precision, lm = Precision.of_model(model.model), model
     elif isinstance(model, str):
-        if device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: this rank's device
+        if device is None and launched_processes() > 1:  # accelerate launch: this rank's device
             from accelerate import PartialState
 
             device = str(PartialState().device)
@@ -111,6 +85,9 @@ def evaluate(
     device: str | None = None,
     bootstrap: int = 1000,
     convention: str = M.DEFAULT_CONVENTION,
+    specs: list | None = None,
+    self_reference: bool = False,
+    extra: dict | None = None,
 ) -> dict:
     """Evaluate a model (alias, folder, hub id, or a `models.LoadedModel`) on TOFU; returns summary.json's dict.
 
@@ -119,6 +96,9 @@ def evaluate(
     the retain model); with False, forget_quality and privleak are null and a note says why.
     `convention` (open-unlearning or pmc-unlearn, docs/metrics.md) chooses the metric definitions;
     the records hold what both need, so the cache serves both, and summary.json says which was used.
+    `specs`: the splits to evaluate (a subset of TOFU's, e.g. the demo's; default `collect.tofu_suite`).
+    `self_reference`: the model is the retain model, its own records the reference (forget quality 1;
+    needs `output_dir`). `extra`: fields added to the summary.
     """
     # 1. validate everything before any work
     if convention not in C.scores.CONVENTIONS:
@@ -132,7 +112,9 @@ def evaluate(
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    specs = C.tofu_suite(forget_split, retain_sample, max_examples)
+    specs = specs if specs is not None else C.tofu_suite(forget_split, retain_sample, max_examples)
+    if self_reference and (retain_records is not None or output_dir is None):
+        raise ValueError("self_reference: the model's own records are the reference; give output_dir, no retain_records")
     forget_items = next(s for s in specs if s.name == M.FORGET).items
     reference = None
     if retain_records is not None:
@@ -146,13 +128,13 @@ def evaluate(
                         "or --no-forget-quality to report it as null")
     out = Path(output_dir).expanduser() if output_dir is not None else None
     if out is not None:
-        _check_output(out, overwrite)
+        check_output(out, overwrite)
 
     # 2. model
     t0 = time.time()
     from pmc_unlearn.models import fingerprint
 
-    rank, _world = C._dist()
+    rank, _world = rank_world()
     lm, precision = load_for_eval(model, dtype, device)
     fp = fingerprint(lm.model)
     actual_dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
@@ -172,7 +154,7 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
             (out / RECORDS_FILE).unlink(missing_ok=True)
-    C._barrier(_world)
+    barrier(_world)
     t1 = time.time()
     records = C.collect_records(
         lm.model, lm.tokenizer, specs, fmt, gen, batch_size,
@@ -184,6 +166,9 @@ def evaluate(
     # 4. aggregate (pure)
     t2 = time.time()
     records = M.with_scores(records, convention)
+    if self_reference and main:
+        C.write_records(records, out / RECORDS_FILE)
+        reference = read_reference(out / RECORDS_FILE, convention)
     summary = M.summarize(records, reference, require_forget_quality=False, convention=convention)
     summary.update(tofu_intervals(records, summary, reference, n_boot=bootstrap))
     t_agg = time.time() - t2
@@ -211,10 +196,11 @@ def evaluate(
         "time_load_s": round(t_load, 3),
         "time_collect_s": round(t_collect, 3),
         "time_aggregate_s": round(t_agg, 4),
-        "git_commit": _git_hash(),
-        **_versions(),
+        "git_commit": git_hash(),
+        **version_fields(),
+        **(extra or {}),
     })
-    summary = _json_safe(summary)
+    summary = json_safe(summary)
 
     # 5. write (main process only)
     if out is not None and main:

@@ -102,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, progress=not args.no_progress, convention=args.convention,
     )
 
-    from pmc_unlearn.evaluation.collect import _dist
+    from pmc_unlearn.provenance import rank_world
 
-    if _dist()[0] != 0:  # under accelerate launch only the main process reports
+    if rank_world()[0] != 0:  # under accelerate launch only the main process reports
         return 0
 
     def f(k: str) -> str:
@@ -138,9 +138,9 @@ def _run_muse(args: argparse.Namespace) -> int:
         dtype=args.dtype, use_cache=not args.no_cache, overwrite=args.overwrite, progress=not args.no_progress,
     )
 
-    from pmc_unlearn.evaluation.collect import _dist
+    from pmc_unlearn.provenance import rank_world
 
-    if _dist()[0] != 0:  # under accelerate launch only the main process reports
+    if rank_world()[0] != 0:  # under accelerate launch only the main process reports
         return 0
 
     def f(k: str) -> str:

@@ -47,6 +47,7 @@ from pmc_unlearn.evaluation import scores
 from pmc_unlearn.formatting import IGNORE, Example, PromptFormat, answer_ids, collate_prompts, collate_train, encode_pair, fit_length, prompt_ids, prompt_text
 from pmc_unlearn.losses import token_logprobs
 from pmc_unlearn.models import takes_logits_to_keep
+from pmc_unlearn.provenance import barrier, gather, jsonl_text, rank_world, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -588,7 +589,7 @@ class _Appender:
     def write(self, recs: Iterable[Record]) -> None:
         from pmc_unlearn.rundir import append_atomic, write_failed
 
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs).encode("utf-8")
+        data = jsonl_text(recs).encode("utf-8")
         if not data:
             return
         try:
@@ -598,31 +599,6 @@ class _Appender:
 
     def close(self) -> None:
         pass
-
-
-def _dist() -> tuple[int, int]:
-    """(process index, number of processes); accelerate's state when launched with several processes."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        st = PartialState()
-        return st.process_index, st.num_processes
-    return 0, 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
-
-
-def _gather(objs: list, world: int) -> list:
-    if world == 1:
-        return objs
-    from accelerate.utils import gather_object
-
-    return gather_object(objs)
 
 
 def _matches(rec: Record, it: EvalItem) -> bool:
@@ -654,7 +630,7 @@ def collect_records(
 
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    rank, world = _dist()
+    rank, world = rank_world()
     main = rank == 0
     fp = model_fingerprint or fingerprint(model)
     keys = {s.name: split_key(fp, s, gen, fmt, tokenizer) for s in specs}
@@ -677,7 +653,7 @@ def collect_records(
         for s in specs:
             remember(read_records(cache_root / keys[s.name] / "records.jsonl"))
 
-    _barrier(world)  # every process has read the same finished records before the main one appends
+    barrier(world)  # every process has read the same finished records before the main one appends
     out_app = _Appender(out_file) if (out_file is not None and main) else None
     cache_apps: dict[str, _Appender] = {}
     try:
@@ -689,11 +665,9 @@ def collect_records(
                 cdir.mkdir(parents=True, exist_ok=True)
                 meta = cdir / "meta.json"
                 if not meta.exists():  # (temporary file per process, then rename: never half-written)
-                    tmp = cdir / f"meta.json.{os.getpid()}.tmp"
-                    tmp.write_text(json.dumps({"key": key, "model_fingerprint": fp, "split": spec.name,
-                                               "source": spec.source, "gen": asdict(gen), "fmt": asdict(fmt),
-                                               "schema": SCHEMA_VERSION}, indent=2))
-                    os.replace(tmp, meta)
+                    write_json_atomic(meta, {"key": key, "model_fingerprint": fp, "split": spec.name,
+                                             "source": spec.source, "gen": asdict(gen), "fmt": asdict(fmt),
+                                             "schema": SCHEMA_VERSION})
                 cache_apps[spec.name] = _Appender(cdir / "records.jsonl")
             have = set()
             for it in spec.items:
@@ -717,7 +691,7 @@ def collect_records(
                 recs = _compute_items(model, tokenizer, glob[rank::world], fmt, gen, batch_size)
                 for r in recs:
                     r["key"] = keys[r["split"]]
-                recs = _gather(recs, world)
+                recs = gather(recs, world)
                 for r in recs:
                     done[(r["key"], r["split"], int(r["index"]))] = r
                 if main:
@@ -741,12 +715,7 @@ def write_records(records: Sequence[Record], path: str | Path) -> None:
     from pmc_unlearn.rundir import write_failed
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        write_jsonl_atomic(path, records)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise write_failed(e, path, f"{path} is as it was") from None

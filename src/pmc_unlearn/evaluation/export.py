@@ -17,28 +17,17 @@ Not exported (not computed here): forget_Q_A_PERT_ROUGE, forget_Q_A_gibberish, m
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation import scores
+from pmc_unlearn.provenance import json_safe
 
 META_KEY = "pmc_unlearn"
 
 # our split name -> open-unlearning's metric prefix
 _PREFIX = {M.FORGET: "forget", M.RETAIN: "retain", M.REAL_AUTHORS: "ra", M.WORLD_FACTS: "wf"}
-
-
-def _clean(x):
-    """JSON-safe: NaN / inf become null."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
 
 
 def _prob_metric(recs, key: str) -> dict:
@@ -108,7 +97,7 @@ def open_unlearning_eval(records: Sequence[dict], summary: dict) -> dict:
     ev["privleak"] = {"agg_value": summary.get("privleak")}
     ev = dict(sorted(ev.items()))
     ev[META_KEY] = {"convention": convention}
-    return _clean(ev)
+    return json_safe(ev)
 
 
 def open_unlearning_summary(ev: dict) -> dict:

@@ -32,6 +32,7 @@ from pmc_unlearn.evaluation import collect as C
 from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation.bootstrap import LEVEL, N_RESAMPLES, SEED, bootstrap_interval
 from pmc_unlearn.formatting import PromptFormat
+from pmc_unlearn.provenance import barrier, git_hash, json_safe, rank_world, version_fields
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,7 @@ def evaluate_muse(
                         "to report it as null")
     out = Path(output_dir).expanduser() if output_dir is not None else None
     if out is not None:
-        api._check_output(out, overwrite)
+        api.check_output(out, overwrite)
 
     t0 = time.time()
     lm, precision = api.load_for_eval(model, dtype, device)
@@ -323,12 +324,12 @@ def evaluate_muse(
         if other:
             raise UserError(f"--output {out}: its {api.RECORDS_FILE} holds records of another model or other "
                             "settings; choose another --output or pass --overwrite")
-    rank, world = C._dist()
+    rank, world = rank_world()
     if out is not None and rank == 0:  # several processes (accelerate launch): the main one writes
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
             (out / api.RECORDS_FILE).unlink(missing_ok=True)
-    C._barrier(world)
+    barrier(world)
     t1 = time.time()
     records = C.collect_records(lm.model, lm.tokenizer, specs, fmt, gen, batch_size,
                                 records_path=(out / api.RECORDS_FILE) if out is not None else None,
@@ -350,9 +351,9 @@ def evaluate_muse(
         "batch_size": batch_size, "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
         "precision": precision.as_dict(), "device": str(next(lm.model.parameters()).device),
         "min_k": C.scores.MIN_K, "time_load_s": round(t_load, 3), "time_collect_s": round(t_collect, 3),
-        "git_commit": api._git_hash(), **api._versions(),
+        "git_commit": git_hash(), **version_fields(),
     })
-    summary = api._json_safe(summary)
+    summary = json_safe(summary)
     if out is not None and rank == 0:
         C.write_records(records, out / api.RECORDS_FILE)
         (out / api.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pmc_unlearn.config import opt
+from pmc_unlearn.sections import opt
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import IGNORE, Example, collate_train, encode_row
 from pmc_unlearn.losses import distill_kl, scrub_max_loss, scrub_min_loss, scrub_phase, token_mean_nll
@@ -662,16 +662,3 @@ class RetainFT(Method):
 
     def manifest_info(self) -> dict:
         return dict(self.info)
-
-
-BASELINES: dict[str, tuple[type[Method], type]] = {
-    "ga": (GradientAscent, GAConfig),
-    "gd": (GradientDifference, GDConfig),
-    "npo": (NPO, NPOConfig),
-    "simnpo": (SimNPO, SimNPOConfig),
-    "idk": (IdkNLL, IdkConfig),
-    "idkdpo": (IdkDPO, IdkDPOConfig),
-    "rmu": (RMU, RMUConfig),
-    "retain_ft": (RetainFT, RetainFTConfig),
-    "scrub": (SCRUB, SCRUBConfig),
-}

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pmc_unlearn.config import opt
+from pmc_unlearn.sections import opt
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import Example, collate_train, encode_row, fit_length, row_prompt_ids
 from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logits, derive_seed, split_nll

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pmc_unlearn.errors import UserError
+from pmc_unlearn.provenance import write_text_atomic
 from pmc_unlearn.report.gather import ModelResult, ReportData, gather
 
 __all__ = ["ModelResult", "ReportData", "build_report", "gather"]
@@ -82,7 +83,7 @@ def build_report(paths: list[str | Path], output: str | Path = "report.html", ex
     md, images = render.to_markdown(sections, title, subtitle, img_dir)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        rundir.write_text_atomic(out, page)
+        write_text_atomic(out, page)
         if images:
             (out.parent / img_dir).mkdir(parents=True, exist_ok=True)
             (out.parent / img_dir / REPORT_MARKER).write_text("images of a report written by pmc-unlearn report\n")
@@ -90,7 +91,7 @@ def build_report(paths: list[str | Path], output: str | Path = "report.html", ex
             p = out.parent / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(png)
-        rundir.write_text_atomic(md_path, md)
+        write_text_atomic(md_path, md)
     except OSError as e:
         raise rundir.write_failed(e, out.parent) from None
     return {"html": out, "md": md_path, "images": len(images), "models": [m.label for m in data.models],
