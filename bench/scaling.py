@@ -63,7 +63,7 @@ def child(spec: dict) -> None:
     import pmc_unlearn.trainer as T
     from pmc_unlearn.config import load_config
     from pmc_unlearn.data import read_jsonl_dicts
-    from pmc_unlearn.sampler import SAMPLERS
+    from pmc_unlearn.sampling import SAMPLERS
 
     split = spec["split"]
     retain = f"retain{100 - int(split.removeprefix('forget'))}"

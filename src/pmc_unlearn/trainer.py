@@ -41,7 +41,7 @@ from pmc_unlearn.methods import METHODS
 from pmc_unlearn.methods.base import Method, RunContext, derive_seed
 from pmc_unlearn.models import apply_lora, fingerprint, load_model, save_model
 from pmc_unlearn.precision import resolve_bf16, resolve_dtype
-from pmc_unlearn.sampler import SAMPLERS
+from pmc_unlearn.sampling import SAMPLERS
 
 log = logging.getLogger(__name__)
 

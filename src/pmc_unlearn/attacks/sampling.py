@@ -5,7 +5,7 @@ that looks right. Per question, k answers are drawn at temperature T (top-p / to
 default, i.e. the model's own distribution) and each is scored against the ground truth; the
 aggregation is `pure.aggregate_samples` (mean over samples, max over samples, share of questions
 with some sample at recall >= leak_threshold). Samples come from the project's sampler
-(`sampler.SAMPLERS`, "fast" when present, else "hf"); with "fast" every (question, sample) draws
+(`sampling.SAMPLERS`, "fast" when present, else "hf"); with "fast" every (question, sample) draws
 from its own generator seeded by (seed, prompt tokens, sample index), so results do not depend
 on batching.
 """
@@ -32,14 +32,14 @@ class Settings:
     batch_rows: int = opt(256, "rows (questions x samples) per sampler batch", min=1)
 
     def validate(self) -> None:
-        from pmc_unlearn.sampler import SAMPLERS
+        from pmc_unlearn.sampling import SAMPLERS
 
         if self.backend != "auto" and self.backend not in SAMPLERS:
             raise UserError(f"sampling.backend={self.backend}: not available here; choose one of auto, {', '.join(SAMPLERS)}")
 
 
 def backend_name(s: Settings) -> str:
-    from pmc_unlearn.sampler import SAMPLERS
+    from pmc_unlearn.sampling import SAMPLERS
 
     if s.backend != "auto":
         return s.backend
@@ -49,7 +49,7 @@ def backend_name(s: Settings) -> str:
 def run(ctx: AttackContext, s: Settings) -> AttackResult:
     from tqdm.auto import tqdm
 
-    from pmc_unlearn.sampler import SAMPLERS
+    from pmc_unlearn.sampling import SAMPLERS
 
     name = backend_name(s)
     sampler = SAMPLERS[name](ctx.tokenizer, batch_rows=s.batch_rows)
@@ -65,9 +65,9 @@ def run(ctx: AttackContext, s: Settings) -> AttackResult:
     for it, comps in zip(items, completions):
         rs = [rouge_l_recall(it.answer, c.text) for c in comps]
         recalls.append(rs)
-        truncated += [c.truncated for c in comps]
+        truncated += [c.hit_limit for c in comps]
         records.append({"index": it.index, "question": it.question, "answer": it.answer,
-                        "samples": [c.text for c in comps], "rougeL_recall": rs, "truncated": [c.truncated for c in comps],
+                        "samples": [c.text for c in comps], "rougeL_recall": rs, "truncated": [c.hit_limit for c in comps],
                         "rougeL_recall_max": max(rs), "rougeL_recall_mean": sum(rs) / len(rs)})
     m = aggregate_samples(recalls, s.leak_threshold)
     base = ctx.baseline_recall()

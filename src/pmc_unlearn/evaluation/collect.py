@@ -407,21 +407,17 @@ def generate_greedy_ids(model, tokenizer, prompts: Sequence[list[int]], max_new_
                         batch_size: int = 8) -> list[Generation]:
     """Greedy continuations of token-id prompts, in input order.
 
-    Runs on the library's own decode loop (`sampler.FastSampler`, greedy): each prompt prefilled
+    Runs on the library's own decode loop (`sampling.FastSampler`, greedy): each prompt prefilled
     once, finished rows dropped, a preallocated cache; in fp32 its tokens equal
     `generate(do_sample=False)`'s (tests/test_sampler.py). Prompts are sorted by length and cut
     into batches of `batch_size` rows; the stop tokens are the tokenizer's and the model's EOS.
     """
-    from pmc_unlearn.sampler import FastSampler
+    from pmc_unlearn.sampling import FastSampler
 
     model.eval()
     done = FastSampler(tokenizer, batch_rows=batch_size).sample(
         model, [list(p) for p in prompts], 1, max_new_tokens=max_new_tokens, greedy=True)
-    out = []
-    for (c,) in done:
-        n_new = len(c.ids) - (0 if c.truncated else 1)  # the stop token is not part of the answer
-        out.append(Generation(c.text, n_new, c.truncated))
-    return out
+    return [c for (c,) in done]
 
 
 _SCORER = None

@@ -107,7 +107,7 @@ class PMC(Method):
         comps = self._draw(ctx, list(range(len(ctx.primary))), greedy=True, seed=derive_seed(ctx.cfg.train.seed, "ref"))
         self.references = [c[0].text for c in comps]
         empty = sum(1 for r in self.references if not r.strip())
-        cut = sum(c[0].truncated for c in comps) / max(1, len(comps))
+        cut = sum(c[0].hit_limit for c in comps) / max(1, len(comps))
         log.info("PMC references: %d greedy answers, %.0f%% cut at the length limit, %d empty", len(comps), 100 * cut, empty)
         if empty:
             log.warning("%d forget questions have an empty reference answer: they score 0 at once and are never sampled", empty)
@@ -155,11 +155,11 @@ class PMC(Method):
                 kept, replaced = update_memory(self.memory.get(i), pick)
                 updates.append((i, kept.to_json()))
                 n_drawn += len(cands)
-                n_cut += sum(c.truncated for c in cands)
+                n_cut += sum(c.hit_limit for c in cands)
                 for j, (c, s) in enumerate(zip(cands, scores)):
                     rows.append({"step": ctx.step, "epoch": ctx.epoch, "index": i, "sample": j, "text": c.text,
                                  "score": round(s, 6), "chosen": j == k, "kept": j == k and replaced,
-                                 "truncated": c.truncated, "tokens": len(c.ids)})
+                                 "truncated": c.hit_limit, "tokens": len(c.ids)})
         for i, m in ctx.gather(updates):
             self.memory[i] = Memory(**m)
         ctx.write_samples(ctx.gather(rows))
