@@ -272,10 +272,10 @@ def demo_suite(forget_split: str, retain_index: list[int], sizes: dict[str, int]
     Items keep their index in the TOFU file they come from (and the split's source string), so
     records are shared with full evaluations through the evaluation cache.
     """
-    from pmc_unlearn.evaluation import collect as C
     from pmc_unlearn.evaluation import metrics as M
+    from pmc_unlearn.evaluation.suite import tofu_suite
 
-    specs = C.tofu_suite(forget_split, "perturbed", None)
+    specs = tofu_suite(forget_split, "perturbed", None)
     limit = {M.FORGET: sizes["forget"], M.FORGET_PARA: sizes["forget"], M.RETAIN: sizes["retain"],
              M.REAL_AUTHORS: sizes["real_authors"], M.WORLD_FACTS: sizes["world_facts"], M.HOLDOUT: sizes["holdout"]}
     for s in specs:
@@ -305,12 +305,12 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
     `default_fmt` is the prompt format of a model that saved none (the base model); the
     evaluation's default when None. `convention`: the metric definitions (docs/metrics.md).
     """
-    from pmc_unlearn.evaluation import collect as C
     from pmc_unlearn.evaluation import metrics as M
     from pmc_unlearn.evaluation.api import _versions
+    from pmc_unlearn.evaluation.records import collect_records, write_records
     from pmc_unlearn.evaluation.reference import read_reference
-    from pmc_unlearn.formatting import PromptFormat
-    from pmc_unlearn.models import fingerprint, load_model, saved_prompt_format
+    from pmc_unlearn.evaluation.suite import GenSettings, prompt_format_for
+    from pmc_unlearn.models import fingerprint, load_model
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -318,17 +318,14 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
     lm = load_model(model, dtype=precision.dtype)
     lm.model.eval()
     fp = fingerprint(lm.model)
-    fmt = default_fmt or C.EVAL_FORMAT
-    saved = saved_prompt_format(model)
-    if saved:  # the prompt format the model was trained with (the base model: the tokenizer's template)
-        fmt = PromptFormat(saved["use_chat_template"], saved["system_prompt"], C.EVAL_FORMAT.max_length)
+    fmt = prompt_format_for(model, default=default_fmt)  # the format it was trained with, if it saved one
     t_load = time.time() - t0
     t1 = time.time()
-    records = C.collect_records(lm.model, lm.tokenizer, specs, fmt, C.GenSettings(max_new_tokens), batch_size,
+    records = collect_records(lm.model, lm.tokenizer, specs, fmt, GenSettings(max_new_tokens), batch_size,
                                 records_path=out / "records.jsonl", model_fingerprint=fp, progress=progress)
     t_collect = time.time() - t1
     records = M.with_scores(records, convention)
-    C.write_records(records, out / "records.jsonl")
+    write_records(records, out / "records.jsonl")
     ref = (read_reference(out / "records.jsonl", convention) if self_reference
            else (read_reference(reference, convention) if reference else None))
     summary = M.summarize(records, ref, require_forget_quality=False, convention=convention)
@@ -503,7 +500,7 @@ class Demo:
 
     def _prompt_format(self):
         """The prompt format of models without a saved one (the base model): the profile's."""
-        from pmc_unlearn.evaluation.collect import EVAL_FORMAT
+        from pmc_unlearn.evaluation.suite import EVAL_FORMAT
         from pmc_unlearn.formatting import PromptFormat
 
         pr = self.p.get("prompt") or {}
@@ -626,7 +623,7 @@ class Demo:
             keys[name] = key
 
         # evaluation: the retain model first (its records are forget quality's reference)
-        from pmc_unlearn.evaluation.collect import SCHEMA_VERSION
+        from pmc_unlearn.evaluation.records import SCHEMA_VERSION
 
         eval_common = {"v": DEMO_VERSION, "records_schema": SCHEMA_VERSION, "suite": suite_key,
                        "max_new_tokens": ev["max_new_tokens"]}

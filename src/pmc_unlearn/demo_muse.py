@@ -106,7 +106,7 @@ class MuseDemo(Demo):
 
     def build(self) -> list[Stage]:
         from pmc_unlearn.demo import check_output
-        from pmc_unlearn.evaluation.collect import SCHEMA_VERSION
+        from pmc_unlearn.evaluation.records import SCHEMA_VERSION
 
         check_output(self.root)
         p, root = self.p, self.root.resolve()

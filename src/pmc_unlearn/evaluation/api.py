@@ -15,9 +15,12 @@ import time
 from pathlib import Path
 
 from pmc_unlearn.errors import UserError
-from pmc_unlearn.evaluation import collect as C
-from pmc_unlearn.evaluation import export
+from pmc_unlearn.evaluation import export, scores
 from pmc_unlearn.evaluation import metrics as M
+from pmc_unlearn.evaluation.records import barrier, collect_records, rank_world, read_records, split_key, write_records
+from pmc_unlearn.evaluation.suite import (
+    RNG400_SEED, RNG400_SIZE, GenSettings, holdout_for, prompt_format_for, retain_for, tofu_suite,
+)
 from pmc_unlearn.evaluation.intervals import tofu_intervals
 from pmc_unlearn.evaluation.reference import check_reference, read_reference
 from pmc_unlearn.formatting import PromptFormat
@@ -65,7 +68,7 @@ def _check_output(out: Path, overwrite: bool) -> None:
         return
     rec = out / RECORDS_FILE
     if rec.exists():
-        foreign = [r for r in C.read_records(rec) if "key" not in r or "split" not in r]
+        foreign = [r for r in read_records(rec) if "key" not in r or "split" not in r]
         if foreign:
             raise UserError(f"--output {out}: {RECORDS_FILE} there was not written by this command; "
                             "choose another --output or pass --overwrite")
@@ -121,9 +124,9 @@ def evaluate(
     the records hold what both need, so the cache serves both, and summary.json says which was used.
     """
     # 1. validate everything before any work
-    if convention not in C.scores.CONVENTIONS:
-        raise UserError(f"--convention {convention}: choose one of {', '.join(C.scores.CONVENTIONS)}")
-    fmt = fmt or C.EVAL_FORMAT
+    if convention not in scores.CONVENTIONS:
+        raise UserError(f"--convention {convention}: choose one of {', '.join(scores.CONVENTIONS)}")
+    fmt = prompt_format_for(model, fmt)
     if bootstrap < 0:
         raise UserError(f"--bootstrap {bootstrap}: give 0 (no intervals) or a number of resamples such as 1000")
     if batch_size < 1:
@@ -132,7 +135,7 @@ def evaluate(
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    specs = C.tofu_suite(forget_split, retain_sample, max_examples)
+    specs = tofu_suite(forget_split, retain_sample, max_examples)
     forget_items = next(s for s in specs if s.name == M.FORGET).items
     reference = None
     if retain_records is not None:
@@ -152,16 +155,16 @@ def evaluate(
     t0 = time.time()
     from pmc_unlearn.models import fingerprint
 
-    rank, _world = C._dist()
+    rank, _world = rank_world()
     lm, precision = load_for_eval(model, dtype, device)
     fp = fingerprint(lm.model)
     actual_dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     t_load = time.time() - t0
 
-    gen = C.GenSettings(max_new_tokens)
+    gen = GenSettings(max_new_tokens)
     if out is not None and not overwrite:
-        keys = {C.split_key(fp, s, gen, fmt, lm.tokenizer) for s in specs}
-        other = {r.get("key") for r in C.read_records(out / RECORDS_FILE)} - keys
+        keys = {split_key(fp, s, gen, fmt, lm.tokenizer) for s in specs}
+        other = {r.get("key") for r in read_records(out / RECORDS_FILE)} - keys
         if other:
             raise UserError(f"--output {out}: its {RECORDS_FILE} holds records of another model or other settings; "
                             "choose another --output or pass --overwrite")
@@ -172,9 +175,9 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         if overwrite:
             (out / RECORDS_FILE).unlink(missing_ok=True)
-    C._barrier(_world)
+    barrier(_world)
     t1 = time.time()
-    records = C.collect_records(
+    records = collect_records(
         lm.model, lm.tokenizer, specs, fmt, gen, batch_size,
         records_path=(out / RECORDS_FILE) if out is not None else None,
         use_cache=use_cache, model_fingerprint=fp, progress=progress,
@@ -191,10 +194,10 @@ def evaluate(
         "model_name": lm.name,
         "model_fingerprint": fp,
         "forget_split": forget_split,
-        "holdout_split": C.holdout_for(forget_split),
+        "holdout_split": holdout_for(forget_split),
         "retain_sample": ("tofu:retain_perturbed (TOFU's 400 evaluation rows)" if retain_sample == "perturbed" else
-                          f"tofu:{C.retain_for(forget_split)} rows default_rng({C.RNG400_SEED}).integers(0, n, "
-                          f"{C.RNG400_SIZE}) (PMC authors' sample, with replacement)"),
+                          f"tofu:{retain_for(forget_split)} rows default_rng({RNG400_SEED}).integers(0, n, "
+                          f"{RNG400_SIZE}) (PMC authors' sample, with replacement)"),
         "max_examples": max_examples,
         **{f"n_examples_{s.name}": len(s.items) for s in specs},
         "max_new_tokens": max_new_tokens,
@@ -206,7 +209,7 @@ def evaluate(
         "prompt_chat_template": fmt.use_chat_template and bool(getattr(lm.tokenizer, "chat_template", None)),
         "prompt_system": fmt.system_prompt,
         "prompt_max_length": fmt.max_length,
-        "min_k": C.scores.MIN_K,
+        "min_k": scores.MIN_K,
         "convention": convention,
         "time_load_s": round(t_load, 3),
         "time_collect_s": round(t_collect, 3),
@@ -218,7 +221,7 @@ def evaluate(
 
     # 5. write (main process only)
     if out is not None and main:
-        C.write_records(records, out / RECORDS_FILE)
+        write_records(records, out / RECORDS_FILE)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         export.write_open_unlearning(records, summary, out)
         log.info("wrote %s, %s, TOFU_EVAL.json and TOFU_SUMMARY.json in %s", RECORDS_FILE, SUMMARY_FILE, out)
