@@ -341,9 +341,9 @@ def evaluate_subset(model: str, specs, out: Path, *, reference: Path | str | Non
         "time_load_s": round(t_load, 3), "time_collect_s": round(t_collect, 3),
         **(notes or {}), **_versions(),
     })
-    from pmc_unlearn.evaluation.export import _clean
+    from pmc_unlearn.evaluation.export import json_clean
 
-    summary = _clean(summary)
+    summary = json_clean(summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

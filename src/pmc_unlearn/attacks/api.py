@@ -72,7 +72,7 @@ def settings_help(names: Sequence[str] = ATTACK_NAMES) -> str:
 
 
 def _clean(x):
-    from pmc_unlearn.evaluation.export import _clean as clean
+    from pmc_unlearn.evaluation.export import json_clean as clean
 
     return clean(x)
 

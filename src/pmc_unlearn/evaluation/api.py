@@ -17,12 +17,12 @@ from pathlib import Path
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.evaluation import export, scores
 from pmc_unlearn.evaluation import metrics as M
+from pmc_unlearn.evaluation.intervals import tofu_intervals
 from pmc_unlearn.evaluation.records import barrier, collect_records, rank_world, read_records, split_key, write_records
+from pmc_unlearn.evaluation.reference import check_reference, read_reference
 from pmc_unlearn.evaluation.suite import (
     RNG400_SEED, RNG400_SIZE, GenSettings, holdout_for, prompt_format_for, retain_for, tofu_suite,
 )
-from pmc_unlearn.evaluation.intervals import tofu_intervals
-from pmc_unlearn.evaluation.reference import check_reference, read_reference
 from pmc_unlearn.formatting import PromptFormat
 from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, default_device, resolve_dtype
 
@@ -54,11 +54,8 @@ def _git_hash() -> str | None:
         return None
 
 
-def _json_safe(x):
-    return export._clean(x)
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
+def check_output(out: Path, overwrite: bool) -> None:
+    """--output is a writable folder (or missing) whose records.jsonl, if any, this command wrote."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out}: is a file; pass a folder (it is created when missing)")
     from pmc_unlearn.rundir import check_writable
@@ -120,6 +117,8 @@ def evaluate(
     `bootstrap` resamples (0: none) give every headline number a 95% interval over questions
     (`<key>_ci`; `evaluation.intervals`). Without `retain_records`, `require_forget_quality=True` raises UserError (forget quality needs
     the retain model); with False, forget_quality and privleak are null and a note says why.
+    `fmt`: the prompt format; None takes the one saved beside a model folder we trained
+    (pmc_unlearn_prompt.json), else the evaluation's (`suite.prompt_format_for`).
     `convention` (open-unlearning or pmc-unlearn, docs/metrics.md) chooses the metric definitions;
     the records hold what both need, so the cache serves both, and summary.json says which was used.
     """
@@ -149,7 +148,7 @@ def evaluate(
                         "or --no-forget-quality to report it as null")
     out = Path(output_dir).expanduser() if output_dir is not None else None
     if out is not None:
-        _check_output(out, overwrite)
+        check_output(out, overwrite)
 
     # 2. model
     t0 = time.time()
@@ -217,7 +216,7 @@ def evaluate(
         "git_commit": _git_hash(),
         **_versions(),
     })
-    summary = _json_safe(summary)
+    summary = export.json_clean(summary)
 
     # 5. write (main process only)
     if out is not None and main:

@@ -30,14 +30,14 @@ META_KEY = "pmc_unlearn"
 _PREFIX = {M.FORGET: "forget", M.RETAIN: "retain", M.REAL_AUTHORS: "ra", M.WORLD_FACTS: "wf"}
 
 
-def _clean(x):
+def json_clean(x):
     """JSON-safe: NaN / inf become null."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: json_clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [json_clean(v) for v in x]
     return x
 
 
@@ -108,7 +108,7 @@ def open_unlearning_eval(records: Sequence[dict], summary: dict) -> dict:
     ev["privleak"] = {"agg_value": summary.get("privleak")}
     ev = dict(sorted(ev.items()))
     ev[META_KEY] = {"convention": convention}
-    return _clean(ev)
+    return json_clean(ev)
 
 
 def open_unlearning_summary(ev: dict) -> dict:

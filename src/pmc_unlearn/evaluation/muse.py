@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from pmc_unlearn.errors import UserError
-from pmc_unlearn.evaluation import scores
-from pmc_unlearn.evaluation.records import barrier, collect_records, rank_world, read_records, split_key, write_records
-from pmc_unlearn.evaluation.suite import EvalItem, GenSettings, SplitSpec
+from pmc_unlearn.evaluation import export, scores
 from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation.bootstrap import LEVEL, N_RESAMPLES, SEED, bootstrap_interval
+from pmc_unlearn.evaluation.records import barrier, collect_records, rank_world, read_records, split_key, write_records
+from pmc_unlearn.evaluation.suite import EvalItem, GenSettings, SplitSpec
 from pmc_unlearn.formatting import PromptFormat
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def evaluate_muse(
                         "to report it as null")
     out = Path(output_dir).expanduser() if output_dir is not None else None
     if out is not None:
-        api._check_output(out, overwrite)
+        api.check_output(out, overwrite)
 
     t0 = time.time()
     lm, precision = api.load_for_eval(model, dtype, device)
@@ -354,7 +354,7 @@ def evaluate_muse(
         "min_k": scores.MIN_K, "time_load_s": round(t_load, 3), "time_collect_s": round(t_collect, 3),
         "git_commit": api._git_hash(), **api._versions(),
     })
-    summary = api._json_safe(summary)
+    summary = export.json_clean(summary)
     if out is not None and rank == 0:
         write_records(records, out / api.RECORDS_FILE)
         (out / api.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -69,6 +69,11 @@ def _token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return s.logprobs, s.mask
 
 
+def _scored(model, prep: Prepared) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`_token_logprobs` of the prepared batch and its number of primary rows."""
+    return (*_token_logprobs(model, prep.batch), prep.n_primary)
+
+
 def _rows(batch: dict[str, torch.Tensor], a: int, b: int | None = None) -> dict[str, torch.Tensor]:
     return {k: batch[k][a:b] for k in ("input_ids", "attention_mask", "labels")}
 
@@ -150,8 +155,7 @@ class GradientAscent(_Baseline):
     uses_retain = False
 
     def loss(self, ctx, model, prep):
-        b = prep.batch
-        lp, mask = _token_logprobs(model, b)
+        lp, mask, _ = _scored(model, prep)
         nll = mean_nll(lp, mask)
         return -nll, {"train/forget_nll": float(nll.detach())}
 
@@ -165,9 +169,7 @@ class GradientDifference(_Baseline):
     name = "gd"
 
     def loss(self, ctx, model, prep):
-        b = prep.batch
-        n = prep.n_primary
-        lp, mask = _token_logprobs(model, b)
+        lp, mask, n = _scored(model, prep)
         nll = mean_nll(lp[:n], mask[:n])
         logs = {"train/forget_nll": float(nll.detach())}
         return self._add_retain(-nll, lp, mask, n, logs), logs
@@ -220,15 +222,13 @@ class NPO(_Baseline):
         return prep
 
     def loss(self, ctx, model, prep):
-        b = prep.batch
-        n = prep.n_primary
-        lp, mask = _token_logprobs(model, b)
+        lp, mask, n = _scored(model, prep)
         s = lp[:n].sum(1)  # [n] S_theta(y_f)
-        if "ref_logp" in b:
-            s_ref = b["ref_logp"]
+        if "ref_logp" in prep.batch:
+            s_ref = prep.batch["ref_logp"]
         else:
             with torch.no_grad():
-                s_ref = _token_logprobs(self.ref, _rows(b, 0, n))[0].sum(1)
+                s_ref = _token_logprobs(self.ref, _rows(prep.batch, 0, n))[0].sum(1)
         forget = npo_loss(s, s_ref, self.cfg.beta)
         logs = {"train/forget_loss": float(forget.detach()), "train/forget_nll": float(mean_nll(lp[:n], mask[:n]).detach()),
                 "train/log_ratio": float((s - s_ref).mean().detach())}
@@ -250,9 +250,7 @@ class SimNPO(_Baseline):
     name = "simnpo"
 
     def loss(self, ctx, model, prep):
-        b = prep.batch
-        n = prep.n_primary
-        lp, mask = _token_logprobs(model, b)
+        lp, mask, n = _scored(model, prep)
         lengths = mask[:n].sum(1).clamp(min=1).to(lp.dtype)  # |y_f| in tokens
         forget = simnpo_loss(lp[:n].sum(1), lengths, self.cfg.beta, self.cfg.gamma)
         logs = {"train/forget_loss": float(forget.detach()), "train/forget_nll": float(mean_nll(lp[:n], mask[:n]).detach())}
@@ -290,9 +288,7 @@ class IdkNLL(_Baseline):
         return _build(ctx, fe, self._retain_rows(ctx, ridx))
 
     def loss(self, ctx, model, prep):
-        b = prep.batch
-        n = prep.n_primary
-        lp, mask = _token_logprobs(model, b)
+        lp, mask, n = _scored(model, prep)
         nll = mean_nll(lp[:n], mask[:n])
         logs = {"train/idk_nll": float(nll.detach())}
         return self._add_retain(nll, lp, mask, n, logs), logs
@@ -328,13 +324,11 @@ class IdkDPO(_Baseline):
         return _build(ctx, win + self._forget_rows(ctx, idx), self._retain_rows(ctx, ridx))
 
     def loss(self, ctx, model, prep):
-        b = prep.batch
-        n2 = prep.n_primary
+        lp, mask, n2 = _scored(model, prep)
         n = n2 // 2
-        lp, mask = _token_logprobs(model, b)
         s = lp[:n2].sum(1)  # [2n]: refusals, then forget answers
         with torch.no_grad():
-            s_ref = _token_logprobs(self.ref, _rows(b, 0, n2))[0].sum(1)
+            s_ref = _token_logprobs(self.ref, _rows(prep.batch, 0, n2))[0].sum(1)
         forget = dpo_loss(s[:n], s_ref[:n], s[n:], s_ref[n:], self.cfg.beta)
         logs = {"train/forget_loss": float(forget.detach()),
                 "train/idk_nll": float(mean_nll(lp[:n], mask[:n]).detach()),
@@ -636,8 +630,7 @@ class RetainFT(Method):
         return _build(ctx, ex, [])
 
     def loss(self, ctx, model, prep):
-        b = prep.batch
-        lp, mask = _token_logprobs(model, b)
+        lp, mask, _ = _scored(model, prep)
         nll = mean_nll(lp, mask)
         return nll, {"train/retain_nll": float(nll.detach())}
 

@@ -17,7 +17,7 @@ import torch
 
 from pmc_unlearn.cpu import adapt_threads
 from pmc_unlearn.formatting import collate_prompts
-from pmc_unlearn.sampling.interface import Completion, eos_ids, finish
+from pmc_unlearn.sampling.interface import Completion, eos_ids, finish, unwrap
 from pmc_unlearn.sampling.ops import greedy_next, row_seed, row_uniforms, sample_next
 
 log = logging.getLogger(__name__)
@@ -150,11 +150,9 @@ class FastSampler:
     # ----- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, model, prompts, n, *, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128, seed=0, greedy=False):
-        if greedy:
-            n = 1
+        model, n = unwrap(model, n, greedy)
         if not prompts:
             return []
-        model = getattr(model, "module", model)
         self._check_generation_config(model)
         stop = eos_ids(model, self.tok)
         runner, decoder = self._runner(model)

@@ -8,7 +8,7 @@ import torch
 
 from pmc_unlearn.cpu import adapt_threads
 from pmc_unlearn.formatting import collate_prompts
-from pmc_unlearn.sampling.interface import Completion, eos_ids, finish
+from pmc_unlearn.sampling.interface import Completion, eos_ids, finish, unwrap
 
 
 class HFSampler:
@@ -21,9 +21,7 @@ class HFSampler:
 
     @torch.no_grad()
     def sample(self, model, prompts, n, *, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128, seed=0, greedy=False):
-        if greedy:
-            n = 1
-        model = getattr(model, "module", model)
+        model, n = unwrap(model, n, greedy)
         device = next(model.parameters()).device
         stop = eos_ids(model, self.tok)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(stop))

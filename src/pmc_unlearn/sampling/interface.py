@@ -45,6 +45,11 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 
+def unwrap(model, n: int, greedy: bool) -> tuple:
+    """(the model under a DDP wrapper, rows per prompt): greedy decoding draws one row per prompt."""
+    return getattr(model, "module", model), 1 if greedy else n
+
+
 def finish(tokenizer, new_ids: list[int], stop: set[int], limit: int) -> Completion:
     """Cut generated ids after the first stop token (kept) or at `limit`; decode the answer text."""
     out: list[int] = []

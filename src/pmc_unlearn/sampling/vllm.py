@@ -10,7 +10,7 @@ from collections import Counter
 
 import torch
 
-from pmc_unlearn.sampling.interface import eos_ids, finish
+from pmc_unlearn.sampling.interface import eos_ids, finish, unwrap
 from pmc_unlearn.sampling.ops import row_seed
 
 log = logging.getLogger(__name__)
@@ -150,11 +150,9 @@ class VLLMSampler:
     # ----- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, model, prompts, n, *, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=128, seed=0, greedy=False):
-        if greedy:
-            n = 1
+        model, n = unwrap(model, n, greedy)
         if not prompts:
             return []
-        model = getattr(model, "module", model)
         if self.llm is None or self._model_ref is None or self._model_ref() is not model:
             self._start(model)
         elif self._param_versions(model) != self._versions:
