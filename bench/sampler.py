@@ -45,7 +45,7 @@ def child(spec: dict) -> None:
     from pmc_unlearn.data import load_qa
     from pmc_unlearn.formatting import PromptFormat, prompt_ids
     from pmc_unlearn.models import load_model
-    from pmc_unlearn.sampler import SAMPLERS
+    from pmc_unlearn.sampling import SAMPLERS
 
     lm = load_model(spec["model"])
     model, tok = lm.model, lm.tokenizer
@@ -77,7 +77,7 @@ def child(spec: dict) -> None:
         profile = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
                     "calls": e.count} for e in ops[:15]]
     C.emit({"profile": profile, "wall_s": wall, "cpu_s": cpu, "tokens": tokens, "tok_s": tokens / wall,
-            "truncated": sum(c.truncated for c in comps) / len(comps), "flops_per_token": flops,
+            "truncated": sum(c.hit_limit for c in comps) / len(comps), "flops_per_token": flops,
             "rate_gflops": rates, "rss_before_mb": rss0, "peak_rss_mb": peak,
             "ceiling_frac": tokens / wall * flops / (rates[spec["dtype"]] * 1e9),
             "mean_len": tokens / len(comps), "versions": C.versions()})

@@ -107,7 +107,7 @@ def test_muse_demo_on_tiny_random(tmp_path, eval_cache):  # noqa: F811
 def test_text_scores_match_one_forward_pass_and_ignore_batching(tiny):
     import torch
 
-    from pmc_unlearn.evaluation.collect import text_scores
+    from pmc_unlearn.evaluation.scoring import text_scores
     from pmc_unlearn.evaluation.scores import min_k_score
 
     tok, model = tiny.tokenizer, tiny.model
