@@ -24,7 +24,10 @@ Tokens/s counts generated tokens that are kept (up to and including EOS); `gener
 rows that already finished is not counted. Fraction of ceiling = tokens/s x FLOPs/token / the
 matmul rate measured in the same child just before the run (best of the model's own linear
 shapes and a 1024^3 square, fp32 or bf16). FLOPs/token = 2 x the weights of every linear layer
-(LM head included); attention's own FLOPs (small at these lengths) are left out.
+(LM head included); attention's own FLOPs (small at these lengths) are left out. "Of matmul-bound
+step" (CPU): tokens/s against rows / the time one step's linear layers take alone at the batch's
+rows (measured in the child, prepacked oneDNN weights in bf16): what is left to win outside the
+matmuls, at these shapes.
 On CUDA (`--device cuda`, e.g. `--model random:1.2b`: a random-init Llama of that shape, no
 weights needed) the fraction printed is of the HBM roofline instead: tokens/s over rows x the
 copy rate measured in the child / (linear weights' bytes + the KV cache at the mean context),
@@ -132,6 +135,36 @@ def roofline_tok_s(model, rows: int, context: float, gbps: float) -> float:
     return rows * gbps * 1e9 / step_bytes
 
 
+def step_matmul_s(model, rows: int, dtype: str, reps: int = 5) -> float:
+    """Seconds one decode step's linear layers take alone at `rows` rows (CPU; bf16 through oneDNN's
+    prepacked weights, as the fast and static engines run them): the matmul-bound step at these shapes."""
+    import collections
+    import statistics
+
+    import torch
+
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    shapes = collections.Counter((m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    total = 0.0
+    for (k, n), count in shapes.items():
+        x, w = torch.randn(rows, k, dtype=dt), torch.randn(n, k, dtype=dt)
+        f = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+        if dt == torch.bfloat16:
+            try:
+                p = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+                f = lambda: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")  # noqa: E731
+            except (RuntimeError, AttributeError):
+                pass
+        f()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+        total += count * statistics.median(ts)
+    return total
+
+
 def child(spec: dict) -> None:
     import torch
 
@@ -164,6 +197,9 @@ def child(spec: dict) -> None:
     frac = {}
     if device == "cpu":
         frac["ceiling_frac"] = tokens / wall * flops / (rates[spec["dtype"]] * 1e9)
+        # against the step's own matmuls at the batch's rows (all rows live: an upper bound on tok/s)
+        frac["matmul_step_s"] = step_matmul_s(model, len(comps), spec["dtype"])
+        frac["matmul_bound_frac"] = tokens / wall / (len(comps) / frac["matmul_step_s"])
     else:
         context = sum(map(len, prompts)) / len(prompts) + tokens / len(comps) / 2
         frac["roofline_tok_s"] = roofline_tok_s(model, len(comps), context, gbps)
@@ -261,6 +297,8 @@ def main() -> None:
             results[(dtype, config, omp)].append(r)
             print(f"rep {rep} {dtype:4s} {config:9s} {omp:8s} {r['tok_s']:7.1f} tok/s  {r['wall_s']:6.1f} s  "
                   f"{100 * r['ceiling_frac']:.0f}% of {'roofline' if a.device == 'cuda' else 'ceiling'}  "
+                  + (f"{100 * r['matmul_bound_frac']:.0f}% of the matmul-bound step "
+                     f"({1000 * r['matmul_step_s']:.1f} ms)  " if "matmul_bound_frac" in r else "") +
                   f"warm-up {r['warmup_s']:.1f} s  cpu/wall {r['cpu_s'] / r['wall_s']:.2f}  "
                   f"peak {r['peak_rss_mb']:.0f} MB  load {C.loadavg()}  {r.get('engine_stats') or ''}", flush=True)
             for op in r.get("profile") or []:
@@ -273,6 +311,7 @@ def main() -> None:
         ratios = [r["tok_s"] / b["tok_s"] for r, b in zip(rs, base)]
         rows.append([config.replace(":", " ", 1).replace(":", " "), dtype, omp, C.median(r["tok_s"] for r in rs), f"{C.median(ratios):.2f}x",
                      f"{100 * C.median(r['ceiling_frac'] for r in rs):.0f}%",
+                     f"{100 * C.median(r.get('matmul_bound_frac') for r in rs):.0f}%" if a.device == "cpu" else "-",
                      C.median(r["rate_gflops"][dtype] if a.device == "cpu" else r["hbm_gbps"] for r in rs),
                      C.median(r["peak_rss_mb"] for r in rs),
                      C.median(r["cpu_s"] / r["wall_s"] for r in rs), C.median(r["mean_len"] for r in rs),
@@ -286,7 +325,8 @@ def main() -> None:
           f"{'; one core kept busy by another process throughout' if a.busy else ''}\n")
     cpu = a.device == "cpu"
     print(C.table(["sampler x rows", "dtype", "OpenMP", "tok/s", f"vs {configs[0]} {omps[0]}",
-                   "of ceiling" if cpu else "of HBM roofline", "matmul GFLOP/s" if cpu else "HBM GB/s (copy)",
+                   "of ceiling" if cpu else "of HBM roofline", "of matmul-bound step",
+                   "matmul GFLOP/s" if cpu else "HBM GB/s (copy)",
                    "peak RSS MB", "cpu/wall", "tokens/sample", "truncated"], rows))
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "machine": info, "load_before": load0, "load_after": load1,

@@ -285,6 +285,7 @@ class StaticEngine:
 
     def __init__(self, compile: str = "auto", prepack: bool = True, span_bucket: int | None = None):
         self.prepack = prepack
+        self.compact_every = 4  # steps between checks for questions to compact away (each check syncs the host)
         # generated slots attention reads, rounded up to this: 16 eager (CPU), 32 with CUDA graphs (one capture each)
         self.span_bucket = span_bucket
         if compile not in ("auto", "graph", "inductor", "eager"):
@@ -540,7 +541,7 @@ class StaticEngine:
                 self._redraw(s)
                 flags = s.flags.tolist()
             all_done = flags[0]
-            if not all_done and t < T:
+            if not all_done and t < T and t % self.compact_every == 0:
                 s = self._maybe_compact(s, n, buckets, results_tokens, results_length)
         results_tokens[s.rows] = s.tokens
         results_length[s.rows] = s.length
