@@ -15,6 +15,7 @@ for dropping finished rows.
 Variants (each run in a fresh process, interleaved across repetitions):
 - `ours-fast`: `pmc_unlearn.trainer.train` with the fast sampler (`pmc.sample_batch_rows=256`,
   so one micro-batch of 8 questions x n=5 is one decode batch);
+- `ours-static`: as `ours-fast`, the fast sampler with `engine="static"` (issue 16);
 - `ours-hf`: the same trainer with the `hf` sampler (plain generate), to separate the sampler's
   share of the gain;
 - `simple`: written here, the way the authors' code does it: sampling inside the loss with one
@@ -99,13 +100,19 @@ def run_ours(spec: dict, out: Path) -> dict:
     from pmc_unlearn.precision import resolve_bf16
     from pmc_unlearn.sampling import SAMPLERS
 
-    extra = ["train.save_every=-1"] + (["pmc.sample_batch_rows=256"] if spec["variant"] == "ours-fast" else [])
+    fast = spec["variant"] in ("ours-fast", "ours-static")
+    extra = ["train.save_every=-1"] + (["pmc.sample_batch_rows=256"] if fast else [])
     cfg = _config(spec, extra)
-    backend = "fast" if spec["variant"] == "ours-fast" else "hf"
+    backend = "fast" if fast else "hf"
     cfg.train.sampler = backend
     spent = {"sampling": 0.0}
 
     class Timed(SAMPLERS[backend]):  # time the sampler's calls (references and samples)
+        def __init__(self, *a, **kw):
+            if spec["variant"] == "ours-static":
+                kw["engine"] = "static"  # the static decode engine (pmc_unlearn/sampling/static.py)
+            super().__init__(*a, **kw)
+
         def sample(self, *a, **kw):
             t = time.perf_counter()
             try:

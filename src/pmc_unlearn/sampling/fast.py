@@ -61,6 +61,10 @@ class FastSampler:
       families the model's forward runs with that attention; else SDPA over `SlabLayer` caches.
     - fp32: the model's own forward, SDPA over `SlabLayer` (preallocated, no per-step torch.cat);
       greedy output equals `generate(do_sample=False)` token for token.
+    - `engine="static"` (or `"auto"` on CUDA): `pmc_unlearn.sampling.static.StaticEngine` instead of
+      the loop below, for Llama-like models (others fall back here with a log line): a static
+      KV cache with each prompt's KV shared by its n samples, one step replayed as a CUDA graph
+      on GPU; the same tokens as this loop in fp32 (tests/test_static_decode.py).
     Randomness: every (prompt, sample) row draws from its own generator seeded by (seed, prompt
     tokens, sample index), so results do not depend on other prompts, their order or bucketing.
     Only temperature/top-k/top-p are applied: generation_config extras (repetition penalty, ...)
@@ -69,7 +73,9 @@ class FastSampler:
 
     def __init__(self, tokenizer, batch_rows: int = 256, bf16: bool = False, drop_frac: float = 0.125,
                  block_attention: bool | None = None, block_chunk: int = 16, custom_decoder: bool | None = None,
-                 prepack: bool = True):
+                 prepack: bool = True, engine: str = "eager", static_compile: str = "auto"):
+        if engine not in ("eager", "static", "auto"):
+            raise ValueError(f"engine={engine!r}: choose eager, static or auto")
         self.tok = tokenizer
         self.batch_rows = batch_rows
         self.bf16 = bf16
@@ -80,6 +86,13 @@ class FastSampler:
         self.prepack = prepack  # oneDNN-blocked weights for the custom decoder (bf16 on CPU)
         self._shadow: tuple | None = None  # (weakref to the live model, its bf16 copy, the copy's decoder)
         self._warned = False
+        # engine: "eager" (the loop below), "static" (sampling.static: static KV cache, prompt KV shared
+        # by a question's samples, a replayable step; Llama-like models, others fall back here with a
+        # log line), "auto" (static on CUDA, eager on CPU: bench/RESULTS.md).
+        self.engine = engine
+        self.static_compile = static_compile
+        self._static = None
+        self._static_refused: str | None = None
 
     # ----- weights ------------------------------------------------------------------------------
     def _runner(self, model):
@@ -168,15 +181,37 @@ class FastSampler:
         was_training = runner.training
         runner.eval()
         try:
+            static = self._static_engine(runner)
             for c0 in range(0, len(order), per_chunk):
                 idx = order[c0 : c0 + per_chunk]
-                rows = self._decode(runner, decoder, [prompts[i] for i in idx], n, [s for i in idx for s in seeds[i]],
-                                    stop, max_new_tokens, temperature, top_k, top_p, greedy)
+                args = ([prompts[i] for i in idx], n, [s for i in idx for s in seeds[i]], stop)
+                if static is not None:
+                    pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(stop))
+                    rows = static.decode(runner, *args, pad, max_new_tokens, temperature, top_k, top_p, greedy)
+                else:
+                    rows = self._decode(runner, decoder, *args, max_new_tokens, temperature, top_k, top_p, greedy)
                 for r, ids in enumerate(rows):
                     results[idx[r // n]].append(finish(self.tok, ids, stop, max_new_tokens))
         finally:
             runner.train(was_training)
         return results
+
+    def _static_engine(self, runner):
+        """The static decode engine for `runner`, or None (engine eager, or a model it does not handle: logged once)."""
+        device = next(runner.parameters()).device
+        if self.engine == "eager" or (self.engine == "auto" and device.type != "cuda"):
+            return None
+        from pmc_unlearn.sampling.static import StaticEngine, llama_like
+
+        why = llama_like(runner)
+        if why is not None:
+            if self._static_refused != why:
+                self._static_refused = why
+                log.info("static decode engine: not for this model (%s); using the eager decode loop", why)
+            return None
+        if self._static is None:
+            self._static = StaticEngine(self.static_compile, prepack=self.prepack)
+        return self._static
 
     def _use_blocks(self, model, cache) -> bool:
         """Our block decode attention: bf16/fp16 models of a known family whose layers are all plain attention."""
