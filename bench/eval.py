@@ -11,18 +11,18 @@ What runs: one real `pmc_unlearn.evaluation.evaluate(model, forget_split, None,
 require_forget_quality=False, use_cache=False, ...)` call per child process (a fresh process per
 measurement, with an empty temporary `PMC_UNLEARN_EVAL_CACHE` as well, so nothing is reused
 between repetitions or variants). "total s" is that call's wall time: loading the model, every
-split of the suite (`collect.tofu_suite`: forget, forget paraphrased, retain_perturbed, real
+split of the suite (`suite.tofu_suite`: forget, forget paraphrased, retain_perturbed, real
 authors, world facts, holdout; the first `--max-examples` rows of each), ROUGE and aggregation.
 Forget quality needs a retain model's records, so it is not computed (null in the summary).
 
 The parts are timed inside that same call, in the child only, by timed wrappers around the
-real functions of `pmc_unlearn.evaluation.collect`, which `evaluate` calls through
+real functions of `pmc_unlearn.evaluation.scoring`, which `evaluate` calls through
 `collect_records` exactly as it otherwise would:
-- the teacher-forced NLL part: `collect.question_scores` (a question's answer, paraphrased and
+- the teacher-forced NLL part: `scoring.question_scores` (a question's answer, paraphrased and
   perturbed answers scored with its prompt run once) or, for models without a KV cache, its
-  fallback `collect.answer_scores` (one prompt + answer sequence per answer), with the EM/ES/MIA
+  fallback `scoring.answer_scores` (one prompt + answer sequence per answer), with the EM/ES/MIA
   statistics computed from the same forward;
-- the greedy generation part: `collect.generate_greedy` (and `generate_greedy_ids` under it).
+- the greedy generation part: `scoring.generate_greedy` (and `generate_greedy_ids` under it).
 A call made from inside another call of the same part counts once. What a wrapper records (the
 arguments and the outputs) is counted only after `evaluate` has returned, so counting costs the
 measured call nothing. "other s" = total - NLL - generation: model load (also shown apart, from
@@ -34,7 +34,7 @@ How to read the table (medians over repetitions; one row per variant):
   tokens per second, as if every pair ran as its own sequence (the same count whatever the
   implementation, so it compares implementations); NLL run tok/s: the tokens actually run,
   each prompt once per question where `question_scores` shares it (the hardware's rate);
-- gen new tok/s: new tokens kept per second (up to the stop token, as `Generation.n_tokens`
+- gen new tok/s: new tokens kept per second (up to the stop token, as `Completion.n_tokens`
   counts them; steps a finished row of a batch may spend waiting are not counted); "hit limit"
   (line above the table) is the share of answers cut at `--max-new-tokens`;
 - peak RSS: the child's peak resident memory (the whole evaluation); cpu/wall: the child's CPU
@@ -100,9 +100,9 @@ def _count(nll_calls: list[dict], gen_calls: list[dict]) -> dict:
 def child(spec: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="pmc-bench-eval-") as cache:
         os.environ["PMC_UNLEARN_EVAL_CACHE"] = cache  # belt and braces: use_cache=False already reads/writes none
-        from pmc_unlearn.evaluation import api, collect
+        from pmc_unlearn.evaluation import api, scoring
 
-        originals = {f: getattr(collect, f) for fs in PARTS.values() for f in fs}
+        originals = {f: getattr(scoring, f) for fs in PARTS.values() for f in fs}
 
         sw = C.Stopwatch()
         calls: dict[str, list[dict]] = {"nll": [], "gen": []}
@@ -116,7 +116,7 @@ def child(spec: dict) -> None:
                         b.apply_defaults()
                         calls[part].append({"fn": f, **b.arguments, "out": out})
 
-                    setattr(collect, f, sw.wrap(part, originals[f], keep))
+                    setattr(scoring, f, sw.wrap(part, originals[f], keep))
 
         c0, t0 = time.process_time(), time.perf_counter()
         summary = api.evaluate(spec["model"], spec["split"], None, require_forget_quality=False,
@@ -126,7 +126,7 @@ def child(spec: dict) -> None:
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = C.peak_rss_mb()
         for f, fn in originals.items():
-            setattr(collect, f, fn)
+            setattr(scoring, f, fn)
 
     n = _count(calls["nll"], calls["gen"])  # counted after the measured call
     nll_s, gen_s = sw.seconds.get("nll", 0.0), sw.seconds.get("gen", 0.0)

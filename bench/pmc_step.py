@@ -15,6 +15,7 @@ for dropping finished rows.
 Variants (each run in a fresh process, interleaved across repetitions):
 - `ours-fast`: `pmc_unlearn.trainer.train` with the fast sampler (`pmc.sample_batch_rows=256`,
   so one micro-batch of 8 questions x n=5 is one decode batch);
+- `ours-static`: as `ours-fast`, the fast sampler with `engine="static"` (issue 16);
 - `ours-hf`: the same trainer with the `hf` sampler (plain generate), to separate the sampler's
   share of the gain;
 - `simple`: written here, the way the authors' code does it: sampling inside the loss with one
@@ -95,14 +96,23 @@ def _config(spec: dict, extra: list[str]):
 
 def run_ours(spec: dict, out: Path) -> dict:
     import pmc_unlearn.trainer as T
-    from pmc_unlearn.sampler import SAMPLERS
+    from pmc_unlearn.models import load_tokenizer
+    from pmc_unlearn.precision import resolve_bf16
+    from pmc_unlearn.sampling import SAMPLERS
 
-    extra = ["train.save_every=-1"] + (["pmc.sample_batch_rows=256"] if spec["variant"] == "ours-fast" else [])
+    fast = spec["variant"] in ("ours-fast", "ours-static")
+    extra = ["train.save_every=-1"] + (["pmc.sample_batch_rows=256"] if fast else [])
     cfg = _config(spec, extra)
-    backend = "fast" if spec["variant"] == "ours-fast" else "hf"
+    backend = "fast" if fast else "hf"
+    cfg.train.sampler = backend
     spent = {"sampling": 0.0}
 
     class Timed(SAMPLERS[backend]):  # time the sampler's calls (references and samples)
+        def __init__(self, *a, **kw):
+            if spec["variant"] == "ours-static":
+                kw["engine"] = "static"  # the static decode engine (pmc_unlearn/sampling/static.py)
+            super().__init__(*a, **kw)
+
         def sample(self, *a, **kw):
             t = time.perf_counter()
             try:
@@ -110,15 +120,16 @@ def run_ours(spec: dict, out: Path) -> dict:
             finally:
                 spent["sampling"] += time.perf_counter() - t
 
-    cfg.train.sampler = backend
-    T.SAMPLERS = {**SAMPLERS, backend: Timed}
+    # the sampler PMC would build (train.sampler, pmc.sample_batch_rows, the run's bf16 on this CPU), timed
+    sampler = Timed(load_tokenizer(spec["model"]), batch_rows=cfg.method_cfg.sample_batch_rows,
+                    bf16=resolve_bf16(cfg.train.bf16, "cpu").bf16)
+    logs: list[dict] = []
     t0 = time.perf_counter()
-    manifest = T.train(cfg, out / "run")
+    manifest = T.train(cfg, out / "run", sampler=sampler, callbacks=[logs.append])
     wall = time.perf_counter() - t0
     from pmc_unlearn.models import load_model
 
     lm = load_model(str(out / "run" / "model"))
-    logs = [json.loads(x) for x in (out / "run" / "log.jsonl").read_text().splitlines()]
     phases = {k: round(v, 1) for k, v in (manifest.get("phases_s") or {}).items()}
     phases["sampling (incl. references)"] = round(spent["sampling"], 1)
     return {"wall_s": wall, "phases": phases, "final_score_mean": logs[-1].get("sample/score_mean"),

@@ -63,7 +63,9 @@ def child(spec: dict) -> None:
     import pmc_unlearn.trainer as T
     from pmc_unlearn.config import load_config
     from pmc_unlearn.data import read_jsonl_dicts
-    from pmc_unlearn.sampler import SAMPLERS
+    from pmc_unlearn.models import load_tokenizer
+    from pmc_unlearn.precision import resolve_bf16
+    from pmc_unlearn.sampling import SAMPLERS
 
     split = spec["split"]
     retain = f"retain{100 - int(split.removeprefix('forget'))}"
@@ -74,12 +76,15 @@ def child(spec: dict) -> None:
         "train.seed=0", f"pmc.n_samples={spec['n_samples']}", f"pmc.max_new_tokens={spec['max_new_tokens']}",
         "pmc.sample_batch_rows=256"], method="pmc")
     sw = C.Stopwatch()
-    backend = SAMPLERS[cfg.train.sampler]
-    backend.sample = sw.wrap("sampling", backend.sample)  # this child's class only: references and samples
+    # the sampler PMC would build (train.sampler, pmc.sample_batch_rows, the run's bf16 on this CPU), its calls
+    # timed: references and samples
+    sampler = SAMPLERS[cfg.train.sampler](load_tokenizer(spec["model"]), batch_rows=cfg.method_cfg.sample_batch_rows,
+                                          bf16=resolve_bf16(cfg.train.bf16, "cpu").bf16)
+    sampler.sample = sw.wrap("sampling", sampler.sample)
     with tempfile.TemporaryDirectory(prefix="pmc-bench-scaling-") as tmp:
         out = Path(tmp) / "run"
         c0, t0 = time.process_time(), time.perf_counter()
-        manifest = T.train(cfg, out)
+        manifest = T.train(cfg, out, sampler=sampler)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = C.peak_rss_mb()
         samples = read_jsonl_dicts(out / "samples.jsonl")

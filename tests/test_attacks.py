@@ -9,9 +9,9 @@ import torch
 
 from pmc_unlearn.attacks import pure
 from pmc_unlearn.attacks.api import ATTACK_NAMES, read_attack_records, read_attacks, run_attacks
-from pmc_unlearn.attacks.common import rouge_l_recall
 from pmc_unlearn.cli import main
 from pmc_unlearn.errors import UserError
+from pmc_unlearn.rewards import rougeL_recall
 
 # ----------------------------------------------------------------------------- pure parts
 
@@ -70,14 +70,14 @@ def test_prefix_handling():
     assert pure.join_prefix("The answer is: ", " Jane Doe") == "The answer is: Jane Doe"
     # scoring the continuation only: the prefix's words must not count as recalled
     gt = "The author is Jane Doe"
-    assert rouge_l_recall(gt, "Jane Doe") == pytest.approx(2 / 5)
-    assert rouge_l_recall(gt, pure.join_prefix("The answer is: ", "Jane Doe")) == pytest.approx(4 / 5)
+    assert rougeL_recall(gt, "Jane Doe") == pytest.approx(2 / 5)
+    assert rougeL_recall(gt, pure.join_prefix("The answer is: ", "Jane Doe")) == pytest.approx(4 / 5)
 
 
 def test_prefilled_prompt_is_prompt_then_prefix(tokenizer):
     from pmc_unlearn.attacks.common import AttackContext
     from pmc_unlearn.attacks.prefill import _prefilled
-    from pmc_unlearn.evaluation.collect import EVAL_FORMAT
+    from pmc_unlearn.evaluation.suite import EVAL_FORMAT
     from pmc_unlearn.formatting import prompt_ids
 
     ctx = AttackContext(None, tokenizer, EVAL_FORMAT, "forget01", [], None, 8, 2, None, "float32", "cpu", "x", None)

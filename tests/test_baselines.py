@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pmc_unlearn import losses
 from pmc_unlearn.cli import main
 from pmc_unlearn.formatting import IGNORE
 from pmc_unlearn.methods import METHODS
@@ -23,27 +24,27 @@ def test_npo_loss_by_hand():
     # -beta (S_theta - S_ref) = -0.1 * ([-2, -1] - [-1, -1]) = [0.1, 0]
     # log sigmoid(0.1) = -log(1 + e^-0.1) = -0.644397; log sigmoid(0) = -0.693147; mean = -0.668772
     # loss = -(2 / 0.1) * -0.668772 = 13.375438
-    got = B.npo_loss(torch.tensor([-2.0, -1.0]), torch.tensor([-1.0, -1.0]), 0.1)
+    got = losses.npo_loss(torch.tensor([-2.0, -1.0]), torch.tensor([-1.0, -1.0]), 0.1)
     assert got.item() == pytest.approx(13.375438, abs=1e-5)
 
 
 def test_npo_loss_sign_pushes_likelihood_down():
     s = torch.tensor([-1.0], requires_grad=True)
-    B.npo_loss(s, torch.tensor([-1.0]), 0.1).backward()
+    losses.npo_loss(s, torch.tensor([-1.0]), 0.1).backward()
     assert s.grad.item() > 0  # descending the loss lowers S_theta(y_f)
 
 
 def test_simnpo_loss_by_hand():
     # S / |y| = [-6 / 3, -1 / 2] = [-2, -0.5]; -beta * that - gamma = [4 - 1, 1 - 1] = [3, 0]  (beta 2, gamma 1)
     # log sigmoid(3) = -0.048587; log sigmoid(0) = -0.693147; mean = -0.370867; loss = -(2 / 2) * mean = 0.370867
-    got = B.simnpo_loss(torch.tensor([-6.0, -1.0]), torch.tensor([3.0, 2.0]), beta=2.0, gamma=1.0)
+    got = losses.simnpo_loss(torch.tensor([-6.0, -1.0]), torch.tensor([3.0, 2.0]), beta=2.0, gamma=1.0)
     assert got.item() == pytest.approx(0.370867, abs=1e-5)
 
 
 def test_dpo_loss_by_hand():
     # win log-ratio = -3 - (-4) = 1; lose log-ratio = -5 - (-3) = -2; margin = 3; beta * margin = 1.5
     # log sigmoid(1.5) = -0.201413; loss = -(2 / 0.5) * -0.201413 = 0.805653
-    got = B.dpo_loss(torch.tensor([-3.0]), torch.tensor([-4.0]), torch.tensor([-5.0]), torch.tensor([-3.0]), 0.5)
+    got = losses.dpo_loss(torch.tensor([-3.0]), torch.tensor([-4.0]), torch.tensor([-5.0]), torch.tensor([-3.0]), 0.5)
     assert got.item() == pytest.approx(0.805653, abs=1e-5)
 
 
@@ -51,7 +52,7 @@ def test_masked_mse_by_hand():
     # target [1, 0]; token 0: ((1-1)^2 + (2-0)^2) / 2 = 2; token 1: ((3-1)^2 + (4-0)^2) / 2 = 10;
     # token 2 is masked out; mean over the 2 counted tokens = 6
     acts = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]])
-    got = B.masked_mse(acts, torch.tensor([1.0, 0.0]), torch.tensor([[True, True, False]]))
+    got = losses.masked_mse(acts, torch.tensor([1.0, 0.0]), torch.tensor([[True, True, False]]))
     assert got.item() == pytest.approx(6.0)
 
 

@@ -10,7 +10,8 @@ import pytest
 from eval_fixtures import eval_cache  # noqa: F401  (fixture)
 
 from pmc_unlearn.cli import main
-from pmc_unlearn.evaluation import collect as C
+from pmc_unlearn.evaluation import records as R
+from pmc_unlearn.evaluation import scoring as SC
 
 SUMMARY_KEYS = [
     "unlearn_quality", "utility",
@@ -52,7 +53,7 @@ def test_smoke_run_writes_records_and_every_summary_key(run_dir):
 
     assert s["dtype"] == ("bfloat16" if cpu_native_bf16() else "float32") == s["precision"]["dtype"]
     assert s["precision"]["setting"] == "auto" and s["precision"]["reason"].startswith("auto: CPU")
-    recs = C.read_records(out / "records.jsonl")
+    recs = R.read_records(out / "records.jsonl")
     splits = {r["split"] for r in recs}
     assert splits == {"forget", "forget_para", "retain", "real_authors", "world_facts", "holdout"}
     assert all(sum(r["split"] == sp for r in recs) == 8 for sp in splits)
@@ -142,8 +143,8 @@ def test_killed_run_resumes_without_recomputing(run_dir, tmp_path, monkeypatch):
     (dest / "records.jsonl").write_text("\n".join(keep) + "\n" + lines[-5][:40])
     lost = {(json.loads(x)["split"], json.loads(x)["index"]) for x in lines[-5:]}
     computed = []
-    real = C._compute_items
-    monkeypatch.setattr(C, "_compute_items", lambda m, t, work, *a, **k:
+    real = SC.compute_items
+    monkeypatch.setattr(SC, "compute_items", lambda m, t, work, *a, **k:
                         computed.extend((spec.name, it.index) for spec, it in work) or real(m, t, work, *a, **k))
     assert main(BASE + ["--no-forget-quality", "--max-examples", "8", "--no-cache", "--output", str(dest)]) == 0
     assert set(computed) == lost
@@ -169,8 +170,8 @@ def test_convention_switch_reuses_the_records_and_refuses_a_mixed_reference(run_
     assert ou["convention"] == "open-unlearning"  # the default
     assert json.loads((out / "TOFU_EVAL.json").read_text())["pmc_unlearn"] == {"convention": "open-unlearning"}
     computed = []
-    real = C._compute_items
-    monkeypatch.setattr(C, "_compute_items", lambda m, t, work, *a, **k: computed.extend(work) or real(m, t, work, *a, **k))
+    real = SC.compute_items
+    monkeypatch.setattr(SC, "compute_items", lambda m, t, work, *a, **k: computed.extend(work) or real(m, t, work, *a, **k))
     dest = tmp_path / "pmc"
     assert main(BASE + ["--no-forget-quality", "--max-examples", "8", "--convention", "pmc-unlearn",
                         "--output", str(dest)]) == 0
@@ -181,8 +182,8 @@ def test_convention_switch_reuses_the_records_and_refuses_a_mixed_reference(run_
     for k in ("unlearn_quality", "utility", "forget_rougeL_recall", "mia_loss_auc", "forget_prob"):
         assert pmc[k] == pytest.approx(ou[k], abs=1e-9), k
     # per record: EM over every answer token (pmc-unlearn) or without the last one (open-unlearning)
-    a = {r["index"]: r for r in C.read_records(out / "records.jsonl") if r["split"] == "forget"}
-    b = {r["index"]: r for r in C.read_records(dest / "records.jsonl") if r["split"] == "forget"}
+    a = {r["index"]: r for r in R.read_records(out / "records.jsonl") if r["split"] == "forget"}
+    b = {r["index"]: r for r in R.read_records(dest / "records.jsonl") if r["split"] == "forget"}
     for i, r in b.items():
         assert r["convention"] == "pmc-unlearn" and a[i]["convention"] == "open-unlearning"
         assert r["em"] == pytest.approx(sum(r["tok_hit"]) / len(r["tok_hit"]))

@@ -424,9 +424,9 @@ def test_two_runs_into_one_folder_one_refuses(tmp_path):
 
 
 def _append_many(path: str, tag: int, n: int) -> None:
-    from pmc_unlearn.evaluation.collect import _Appender
+    from pmc_unlearn.evaluation.records import Appender
 
-    app = _Appender(Path(path))
+    app = Appender(Path(path))
     for i in range(n):  # batches of 3 records of ~12 kB: far more than one buffer, so a split write would tear
         app.write([{"tag": tag, "i": i, "j": j, "generation": f"{tag}-{i}-{j} " + "x" * 12000} for j in range(3)])
 

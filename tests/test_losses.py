@@ -7,9 +7,9 @@ import torch
 
 from pmc_unlearn.formatting import IGNORE
 from pmc_unlearn.losses import (
-    distill_kl, per_example_nll, scrub_max_loss, scrub_min_loss, scrub_phase, sum_logprob, token_mean_nll,
+    distill_kl, per_example_nll, scrub_max_loss, scrub_min_loss, scrub_phase, split_nll, sum_logprob, token_logprobs,
+    token_mean_nll,
 )
-from pmc_unlearn.methods.base import split_nll
 
 
 def manual_logp(row, tok):
@@ -40,7 +40,7 @@ def test_batch_token_mean_vs_per_example():
     assert per.tolist() == pytest.approx([-sum(ex0) / 3, -ex1[0]], abs=1e-5)
     # the batch token mean weights every answer token equally: 4 tokens in all
     assert float(token_mean_nll(logits, labels)) == pytest.approx(-(sum(ex0) + ex1[0]) / 4, abs=1e-5)
-    f, r = split_nll(logits, labels, 1)
+    f, r = split_nll(*token_logprobs(logits, labels), 1)
     assert float(f) == pytest.approx(-sum(ex0) / 3, abs=1e-5)
     assert float(r) == pytest.approx(-ex1[0], abs=1e-5)
 

@@ -9,7 +9,7 @@ import pytest
 from pmc_unlearn.data import is_text_row, load_qa, load_rows, muse_dir
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.evaluation.bootstrap import bootstrap_interval, percentile_interval
-from pmc_unlearn.evaluation.collect import first_line, rouge_recall
+from pmc_unlearn.evaluation.scoring import first_line, rouge_recall
 from pmc_unlearn.evaluation import muse as MU
 from pmc_unlearn.formatting import (PromptFormat, chunk_spans, collate_train, encode_row, row_prompt_ids,
                                     split_text_rows)

@@ -102,12 +102,15 @@ def test_muse_demo_on_tiny_random(tmp_path, eval_cache):  # noqa: F811
     assert json.loads((tmp_path / "demo" / "eval" / "retain" / "summary.json").read_text())["privleak"] == 0.0
     md = (tmp_path / "demo" / "report.md").read_text()
     assert "## MUSE-News" in md and "KnowMem forget" in md
+    # a MUSE-only report leaves out the TOFU columns and the TOFU trade-off plot instead of showing dashes
+    head = md.split("## Headline", 1)[1].split("\n## ", 1)[0]
+    assert "Unlearn quality" not in head.split("|", 1)[1] and "## Trade-off" not in md
 
 
 def test_text_scores_match_one_forward_pass_and_ignore_batching(tiny):
     import torch
 
-    from pmc_unlearn.evaluation.collect import text_scores
+    from pmc_unlearn.evaluation.scoring import text_scores
     from pmc_unlearn.evaluation.scores import min_k_score
 
     tok, model = tiny.tokenizer, tiny.model

@@ -93,11 +93,11 @@ def test_config_accepts_auto_and_booleans():
 @pytest.mark.parametrize("native", [False, True])
 def test_training_and_its_sampler_follow_auto(tmp_path, cpu_kind, monkeypatch, native):
     """The manifest records the decision; the loop's autocast and PMC's sampler get it."""
-    from pmc_unlearn import trainer
+    from pmc_unlearn import sampling
 
     cpu_kind(native)
     seen = []
-    real = dict(trainer.SAMPLERS)
+    real = dict(sampling.SAMPLERS)
 
     def spy(name):
         def make(tok, batch_rows=64, bf16=False):
@@ -105,7 +105,7 @@ def test_training_and_its_sampler_follow_auto(tmp_path, cpu_kind, monkeypatch, n
             return real[name](tok, batch_rows=batch_rows, bf16=bf16)
         return make
 
-    monkeypatch.setattr(trainer, "SAMPLERS", {k: spy(k) for k in real})
+    monkeypatch.setattr(sampling, "SAMPLERS", {k: spy(k) for k in real})  # PMC builds its sampler from these
     out = tmp_path / "run"
     assert main([*BASE, "--output", str(out), *FAST, "train.epochs=1", "train.save_every=-1"]) == 0
     man = json.loads((out / "manifest.json").read_text())

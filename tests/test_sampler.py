@@ -8,7 +8,7 @@ import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from pmc_unlearn.formatting import PromptFormat, prompt_ids
-from pmc_unlearn.sampler import SAMPLERS, FastSampler, HFSampler, bf16_fast_here, eos_ids
+from pmc_unlearn.sampling import SAMPLERS, FastSampler, HFSampler, bf16_fast_here, eos_ids
 
 QUESTIONS = [
     "What is the full name of the author born in Kuwait City?",
@@ -63,7 +63,7 @@ def test_greedy_equals_generate(tiny, prompts, drop_frac):
             ref = hf_greedy(model, tok, p, 24)
             cut = ref[: ref.index(tok.eos_token_id) + 1] if tok.eos_token_id in ref else ref
             assert r[0].ids == cut
-            stopped += not r[0].truncated
+            stopped += not r[0].hit_limit
         assert stopped > 0
     finally:
         handle.remove()
@@ -74,7 +74,7 @@ def test_greedy_equals_generate_without_eos(tiny, prompts):
     res = FastSampler(tok).sample(model, prompts, 1, max_new_tokens=12, greedy=True)
     for p, r in zip(prompts, res):
         assert r[0].ids == hf_greedy(model, tok, p, 12)
-        assert r[0].truncated and len(r[0].ids) == 12
+        assert r[0].hit_limit and len(r[0].ids) == 12
 
 
 def test_eos_cutting_and_truncated_flag(tiny, prompts):
@@ -90,7 +90,7 @@ def test_eos_cutting_and_truncated_flag(tiny, prompts):
         assert len(r) == 6
         for c in r:
             assert tok.eos_token_id not in c.ids[:-1]  # nothing after the first EOS
-            if c.truncated:
+            if c.hit_limit:
                 n_cut += 1
                 assert len(c.ids) == 10 and c.ids[-1] != tok.eos_token_id
             else:
@@ -236,13 +236,13 @@ def test_llama_decoder_step_matches_the_model_forward(tiny, prompts):
     """The written-out decode step gives the model's own next-token logits (fp32, fused weights)."""
     from transformers import DynamicCache
 
-    from pmc_unlearn.sampler import _kv_classes, _LlamaDecoder
+    from pmc_unlearn.sampling.decode_step import LlamaDecoder
+    from pmc_unlearn.sampling.kv_cache import BlockLayer
 
     model = tiny.model.eval()
     twin = copy.deepcopy(model)
-    assert _LlamaDecoder.supports(twin)
-    dec = _LlamaDecoder(twin)  # fuses twin's weights (views): twin still computes the same function
-    _, BlockLayer = _kv_classes()
+    assert LlamaDecoder.supports(twin)
+    dec = LlamaDecoder(twin)  # fuses twin's weights (views): twin still computes the same function
     ids = torch.tensor([prompts[0][:12], prompts[2][:12]])
     caches = []
     with torch.no_grad():

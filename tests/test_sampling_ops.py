@@ -1,10 +1,10 @@
-"""sampling_ops: the kept token set equals transformers' TopK + TopP warpers', and draws follow softmax."""
+"""sampling.ops: the kept token set equals transformers' TopK + TopP warpers', and draws follow softmax."""
 
 import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from pmc_unlearn.sampling_ops import (
+from pmc_unlearn.sampling.ops import (
     draw, greedy_next, row_seed, row_uniforms, sample_next, top_k_top_p_candidates,
 )
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def engine_and_model():
-    from pmc_unlearn.sampler import VLLMSampler
+    from pmc_unlearn.sampling import VLLMSampler
 
     from types import SimpleNamespace
 
@@ -41,7 +41,7 @@ def _prompts(tok):
 
 
 def test_greedy_matches_the_fast_sampler_and_follows_updates(engine_and_model):
-    from pmc_unlearn.sampler import FastSampler
+    from pmc_unlearn.sampling import FastSampler
 
     s, lm = engine_and_model
     model, tok = lm.model, lm.tokenizer
@@ -67,7 +67,7 @@ def test_greedy_matches_the_fast_sampler_and_follows_updates(engine_and_model):
 
 
 def test_stale_weights_are_detected(engine_and_model):
-    from pmc_unlearn.sampler import StaleWeightsError
+    from pmc_unlearn.sampling import StaleWeightsError
 
     s, lm = engine_and_model
     s.sample(lm.model, _prompts(lm.tokenizer), 1, greedy=True, max_new_tokens=4)

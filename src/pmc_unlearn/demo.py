@@ -225,10 +225,10 @@ def demo_suite(forget_split: str, retain_index: list[int], sizes: dict[str, int]
     Items keep their index in the TOFU file they come from (and the split's source string), so
     records are shared with full evaluations through the evaluation cache.
     """
-    from pmc_unlearn.evaluation import collect as C
     from pmc_unlearn.evaluation import metrics as M
+    from pmc_unlearn.evaluation.suite import tofu_suite
 
-    specs = C.tofu_suite(forget_split, "perturbed", None)
+    specs = tofu_suite(forget_split, "perturbed", None)
     limit = {M.FORGET: sizes["forget"], M.FORGET_PARA: sizes["forget"], M.RETAIN: sizes["retain"],
              M.REAL_AUTHORS: sizes["real_authors"], M.WORLD_FACTS: sizes["world_facts"], M.HOLDOUT: sizes["holdout"]}
     for s in specs:
@@ -298,7 +298,7 @@ class Demo(DemoBase):
             data.forget_file, data.retain_file, data.digest, {}, est)
 
         # evaluation: the retain model first (its records are forget quality's reference)
-        from pmc_unlearn.evaluation.collect import SCHEMA_VERSION
+        from pmc_unlearn.evaluation.records import SCHEMA_VERSION
 
         eval_common = {"v": DEMO_VERSION, "records_schema": SCHEMA_VERSION, "suite": suite_key,
                        "max_new_tokens": ev["max_new_tokens"]}
@@ -335,7 +335,7 @@ class Demo(DemoBase):
 
     def _prompt_format(self):
         """The prompt format of models without a saved one (the base model): the profile's."""
-        from pmc_unlearn.evaluation.collect import EVAL_FORMAT
+        from pmc_unlearn.evaluation.suite import EVAL_FORMAT
         from pmc_unlearn.formatting import PromptFormat
 
         pr = self.p.get("prompt") or {}
@@ -345,18 +345,13 @@ class Demo(DemoBase):
         """`evaluation.evaluate` on the demo's subset; the retain model (no `reference`) is its own reference."""
         def run(resume: bool) -> dict:
             from pmc_unlearn.evaluation import evaluate
-            from pmc_unlearn.evaluation.collect import EVAL_FORMAT
-            from pmc_unlearn.formatting import PromptFormat
-            from pmc_unlearn.models import saved_prompt_format
 
             ev = self.p["evaluate"]
-            saved = saved_prompt_format(model)  # the format the model was trained with; else the profile's
-            fmt = (PromptFormat(saved["use_chat_template"], saved["system_prompt"], EVAL_FORMAT.max_length) if saved
-                   else self._prompt_format())
+            # evaluate() takes the format the model was trained with (saved beside it); else the profile's
             s = evaluate(model, self.p["authors"]["forget_split"], d, specs=self.specs, retain_records=reference,
                          self_reference=reference is None, require_forget_quality=False,
                          max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"], dtype=self.eval_dtype,
-                         fmt=fmt, progress=self.progress, device="cpu",
+                         default_fmt=self._prompt_format(), progress=self.progress, device="cpu",
                          convention=ev.get("convention", EVAL_CONVENTIONS[0]),
                          extra={"demo_role": role, "retain_split_note": (
                              f"tofu:retain_perturbed rows of the retain author(s) {self.data.retain_authors} "

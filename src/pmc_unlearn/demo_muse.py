@@ -104,7 +104,7 @@ class MuseDemo(DemoBase):
                 "retain_texts": len(self.data.retain_docs), "knowmem_forget_covered": self.data.knowmem_forget}
 
     def build(self) -> list[Stage]:
-        from pmc_unlearn.evaluation.collect import SCHEMA_VERSION
+        from pmc_unlearn.evaluation.records import SCHEMA_VERSION
 
         check_output(self.root)
         p, root = self.p, self.root.resolve()

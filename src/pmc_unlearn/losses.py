@@ -1,7 +1,9 @@
 """Loss functions on logits and labels: pure tensor code, tested against hand computations.
 
 Shapes: logits [B, T, V], labels [B, T] with -100 where a position does not count. Labels are
-aligned with input_ids (HF convention): the logit at t predicts the label at t + 1.
+aligned with input_ids (HF convention): the logit at t predicts the label at t + 1. Every loss of
+every method is here; the methods only build batches, run the model (`lm.score_batch`) and call
+these.
 """
 
 from __future__ import annotations
@@ -43,8 +45,48 @@ def sum_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """NLL averaged over every answer token in the batch (HF's causal-LM loss), scalar."""
-    lp, mask = token_logprobs(logits, labels)
+    return mean_nll(*token_logprobs(logits, labels))
+
+
+# ----- from token log-probs (lm.Scored.logprobs / .mask, [B, T-1]) ---------------------------------
+
+def mean_nll(lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean NLL of rows given their token log-probs and mask (every answer token weighs the same)."""
     return -lp.sum() / mask.sum().clamp(min=1)
+
+
+def split_nll(lp: torch.Tensor, mask: torch.Tensor, n_primary: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-mean NLL of the primary rows [0, n_primary) and of the retain rows after them (None if none)."""
+    p = mean_nll(lp[:n_primary], mask[:n_primary])
+    if n_primary == lp.shape[0]:
+        return p, None
+    return p, mean_nll(lp[n_primary:], mask[n_primary:])
+
+
+def npo_loss(s_theta: torch.Tensor, s_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO: -(2/beta) mean log sigmoid(-beta (S_theta - S_ref)); S are summed log-probs, [B]."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * (s_theta - s_ref)).mean()
+
+
+def simnpo_loss(s_theta: torch.Tensor, lengths: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimNPO (paper form): -(2/beta) mean log sigmoid(-beta S_theta / |y| - gamma); [B] -> scalar."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * s_theta / lengths - gamma).mean()
+
+
+def dpo_loss(s_win: torch.Tensor, s_win_ref: torch.Tensor, s_lose: torch.Tensor, s_lose_ref: torch.Tensor,
+             beta: float) -> torch.Tensor:
+    """DPO scaled by 2/beta (open-unlearning's form): -(2/beta) mean log sigmoid(beta (win log-ratio - lose log-ratio))."""
+    margin = (s_win - s_win_ref) - (s_lose - s_lose_ref)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
+
+
+# ----- RMU (Li et al. 2024): activations ----------------------------------------------------------
+
+def masked_mse(acts: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked tokens of the per-token mean squared error: acts [B, T, D], target broadcastable, mask [B, T]."""
+    per_token = (acts.float() - target.float()).pow(2).mean(-1)  # [B, T]
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp(min=1)
 
 
 # ----- SCRUB (Kurmanji et al. 2023): distillation from the frozen starting model ------------------

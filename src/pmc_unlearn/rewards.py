@@ -35,14 +35,25 @@ REWARDS = ("rougeL_recall", "token_f1", "semantic", "refusal")
 
 @lru_cache(maxsize=1)
 def _scorer():
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+
+
+def rouge_recall(reference: str, candidate: str) -> dict[str, float]:
+    """rouge_score's ROUGE-1 and ROUGE-L (stemmer on), target = reference, prediction = candidate:
+    rouge1_recall, rougeL_recall and rougeL_f1. The library's one ROUGE (PMC's score, the
+    evaluation's generation scores, the attacks)."""
+    s = _scorer().score(target=reference, prediction=candidate)
+    return {"rouge1_recall": s["rouge1"].recall, "rougeL_recall": s["rougeL"].recall, "rougeL_f1": s["rougeL"].fmeasure}
 
 
 def rougeL_recall(reference: str, candidate: str) -> float:
     """LCS(reference, candidate) / len(reference) in rouge_score tokens (stemmer on)."""
-    return _scorer().score(target=reference, prediction=candidate)["rougeL"].recall
+    return rouge_recall(reference, candidate)["rougeL_recall"]
 
 
 WORD_COUNTS = ("authors", "whitespace")

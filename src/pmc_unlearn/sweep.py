@@ -294,7 +294,7 @@ def load_sweep(path: str | Path) -> Sweep:
 
 def _validate_inputs(sweep: Sweep) -> None:
     """Data, model and evaluation inputs of every point, each distinct one checked once."""
-    from pmc_unlearn.evaluation.collect import tofu_suite
+    from pmc_unlearn.evaluation.suite import tofu_suite
     from pmc_unlearn.methods import METHODS
     from pmc_unlearn.models import check_causal_lm
     from pmc_unlearn.trainer import check_lengths, load_data
@@ -443,20 +443,13 @@ def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
     overwrite = _read_json(settings_file) not in (None, sweep.eval_dict)
     write_json_atomic(settings_file, sweep.eval_dict)
     from pmc_unlearn.evaluation.api import evaluate
-    from pmc_unlearn.evaluation.collect import EVAL_FORMAT
-    from pmc_unlearn.formatting import PromptFormat
-    from pmc_unlearn.models import saved_prompt_format
-
-    saved = saved_prompt_format(str(run_dir / "model"))
-    fmt = EVAL_FORMAT if not saved else PromptFormat(use_chat_template=saved["use_chat_template"],
-                                                     system_prompt=saved["system_prompt"], max_length=EVAL_FORMAT.max_length)
     ev = sweep.eval
     t = time.perf_counter()
     try:
         summary = evaluate(str(run_dir / "model"), pt.forget_split, eval_dir, retain_records=ev.retain_records,
                            require_forget_quality=bool(ev.retain_records), max_examples=ev.max_examples or None,
                            batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, dtype=ev.dtype,
-                           retain_sample=ev.retain_sample, fmt=fmt, overwrite=overwrite, progress=False,
+                           retain_sample=ev.retain_sample, overwrite=overwrite, progress=False,
                            convention=ev.convention)
     finally:
         _free_memory()

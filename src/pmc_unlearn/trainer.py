@@ -26,7 +26,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,11 +37,11 @@ from pmc_unlearn.cpu import PeakMemory, adapt_threads
 from pmc_unlearn.data import is_text_row, load_qa, overlap_report
 from pmc_unlearn.errors import TrainingDiverged, UserError
 from pmc_unlearn.formatting import PromptFormat, split_text_rows
+from pmc_unlearn.lm import to_device
 from pmc_unlearn.methods import METHODS
 from pmc_unlearn.methods.base import Method, RunContext, derive_seed
 from pmc_unlearn.models import apply_lora, fingerprint, load_model, save_model
 from pmc_unlearn.precision import resolve_bf16, resolve_dtype
-from pmc_unlearn.sampler import SAMPLERS
 
 log = logging.getLogger(__name__)
 
@@ -280,12 +280,16 @@ def make_accelerator():
 
 
 def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | None = None,
-          check_output: bool = False) -> dict[str, Any]:
+          check_output: bool = False, *, sampler=None,
+          callbacks: Sequence[Callable[[dict[str, Any]], None]] = ()) -> dict[str, Any]:
     """Run `cfg.method` on the shared loop, writing everything into `out`. Returns the final manifest.
 
     The main process holds `out/.lock` while it writes (a second run into `out` is refused);
     with `check_output`, `rundir.prepare_output` is checked again once the lock is held. A run
     that stops on an error leaves manifest.json saying so (failed, diverged, interrupted).
+    `sampler`: a sampler object (`sampling.Sampler`) for methods that sample, instead of the one
+    they build from train.sampler (benchmarks time or replace it). `callbacks`: called on the
+    main process with each optimizer step's log row (the dict log.jsonl gets, every step).
     """
     acc = make_accelerator()
     main = acc.is_main_process
@@ -314,7 +318,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
         acc.wait_for_everyone()
         manifest = rundir.Manifest.start(out / "manifest.json", cfg.train.seed, command or rundir.command_line(),
                                          {"method": cfg.method, "processes": acc.num_processes}) if main else None
-        return _train(cfg, out, resume, acc, method, primary, retain, plan, manifest)
+        return _train(cfg, out, resume, acc, method, primary, retain, plan, manifest, sampler, callbacks)
     except TrainingDiverged as e:
         if manifest and manifest.running:
             manifest.fail("diverged", str(e))
@@ -340,7 +344,7 @@ def train(cfg: RunConfig, out: Path, resume: bool = False, command: list[str] | 
 
 
 def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary: list[dict], retain: list[dict],
-           plan: Plan, manifest: rundir.Manifest | None) -> dict[str, Any]:
+           plan: Plan, manifest: rundir.Manifest | None, sampler, callbacks) -> dict[str, Any]:
     main = acc.is_main_process
     timer = manifest.phase if manifest else (lambda name: contextlib.nullcontext())
 
@@ -372,15 +376,16 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
     method.configure_model(model)  # e.g. RMU freezes weights: before AdamW and DDP see them
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                             **({"fused": True} if _fused_adamw_ok(model, acc.device) else {}))
-    # Training time for train.max_time_s: wall time in the loop less checkpoint writing (a resumed
-    # run counts its earlier time). Read when called: a method may set max_time_s in its setup.
-    clock: dict[str, float] = {}
+    # Training time for the time limit: wall time in the loop less checkpoint writing (a resumed
+    # run counts its earlier time). The limit is the method's (`time_limit`, train.max_time_s by
+    # default), known once it is set up; the schedule reads it when called.
+    clock: dict[str, float] = {"limit": 0.0}
 
     def train_seconds() -> float:
         return time.perf_counter() - clock["start"] - clock["ckpt"] if "start" in clock else 0.0
 
     def time_used() -> float:
-        return train_seconds() / cfg.train.max_time_s if cfg.train.max_time_s else 0.0
+        return train_seconds() / clock["limit"] if clock["limit"] else 0.0
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(plan.warmup_steps, total, time_used))
     model, opt = acc.prepare(model, opt)
@@ -388,7 +393,6 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
     fmt = PromptFormat(cfg.data.use_chat_template, cfg.data.system_prompt, cfg.data.max_length)
     samples_log = rundir.JsonlWriter(out / "samples.jsonl", enabled=main)
     step_log = rundir.JsonlWriter(out / "log.jsonl", enabled=main)
-    sampler = SAMPLERS[cfg.train.sampler](tok, batch_rows=getattr(cfg.method_cfg, "sample_batch_rows", 64), bf16=use_bf16)
     ctx = RunContext(cfg, model, tok, fmt, primary, retain, acc, sampler, write_samples=samples_log.write,
                      bf16=use_bf16, weights_dtype=weights.dtype)
 
@@ -422,6 +426,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
 
     with timer("setup"):
         method.setup(ctx)
+    max_time_s = clock["limit"] = method.time_limit(ctx)
     if manifest:
         manifest.data.update({"plan": {"forget_questions": len(primary), "retain_pairs": len(retain),
                                         "micro_batches": len(schedule), "optimizer_steps": total,
@@ -466,7 +471,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
     group: list[dict[str, float]] = []
     group_len = 0
     t_step = time.perf_counter()
-    tokens = 0
+    tokens = samples = 0
     cur_epoch = -1
     shard: list[int] = []
     autocast = torch.autocast(device_type=acc.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
@@ -479,7 +484,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
         for m, (epoch, j, last) in enumerate(schedule):
             if m < micro_done:
                 continue
-            if cfg.train.max_time_s and group_len == 0 and train_seconds() >= cfg.train.max_time_s:
+            if max_time_s and group_len == 0 and train_seconds() >= max_time_s:
                 stopped_early = True  # only between optimizer steps, so the saved state is consistent
                 break
             if epoch != cur_epoch:
@@ -495,7 +500,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
             if group_len == 0:  # size of this accumulation group: up to the next stepping micro-batch
                 group_len = next(k for k in range(m, len(schedule)) if schedule[k][2]) - m + 1
             prep = method.prepare(ctx, idx, ridx)
-            prep.batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in prep.batch.items()}
+            prep.batch = to_device(prep.batch, acc.device, non_blocking=True)
             sync = contextlib.nullcontext() if last else acc.no_sync(model)
             with sync:
                 with autocast:
@@ -504,6 +509,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
                     raise diverged(f"loss is {float(loss.detach())} at step {step}")
                 acc.backward(loss / group_len)
             tokens += prep.tokens
+            samples += prep.samples
             group.append({"train/loss": float(loss.detach()), **logs, **prep.stats})
             micro_done = m + 1
             if not last:
@@ -524,17 +530,20 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
             opt.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t_step
-            row = _merge_stats(ctx.gather([_merge_stats(group)]))
-            samples = row.pop("sample/samples_sum", 0.0)
+            per_process = ctx.gather([(merge_stats(group, method.stat_merge), samples)])
+            row = merge_stats([r for r, _ in per_process], method.stat_merge)
             row.update({"step": step, "epoch": round(epoch + (j + 1) / plan.micro_per_epoch, 4),
                         "train/lr": sched.get_last_lr()[0], "time/step_s": round(dt, 3),
-                        "perf/samples_per_s": samples / dt if dt else 0.0,
+                        "perf/samples_per_s": sum(n for _, n in per_process) / dt if dt else 0.0,
                         "perf/tokens_per_s": tokens * acc.num_processes / dt if dt else 0.0})
             if step % cfg.train.log_every == 0 or step == total:
                 step_log.write(row)
-            bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in ("train/loss", "sample/score_mean", "sample/unresolved") if k in row})
+            if main:
+                for callback in callbacks:
+                    callback(row)
+            bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3g}" for k in ("train/loss", *method.progress_stats) if k in row})
             bar.update(1)
-            group, group_len, tokens, t_step = [], 0, 0, time.perf_counter()
+            group, group_len, tokens, samples, t_step = [], 0, 0, 0, time.perf_counter()
             end_of_epoch = j == plan.micro_per_epoch - 1
             every = cfg.train.save_every
             if every >= 0 and ((every and step % every == 0) or (not every and end_of_epoch) or step == total):
@@ -544,7 +553,7 @@ def _train(cfg: RunConfig, out: Path, resume: bool, acc, method: Method, primary
                 clock["ckpt"] += time.perf_counter() - t_ck
     bar.close()
     if stopped_early:
-        log.info("train.max_time_s=%s reached after %d of %d optimizer steps", cfg.train.max_time_s, step, total)
+        log.info("time limit of %s s reached after %d of %d optimizer steps", max_time_s, step, total)
         if cfg.train.save_every >= 0:
             with timer("checkpoint"):
                 checkpoint()
@@ -581,22 +590,18 @@ def _fused_adamw_ok(model, device: torch.device) -> bool:
     return all(p.is_floating_point() and p.device.type == device.type for p in model.parameters() if p.requires_grad)
 
 
-def _merge_stats(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Mean of each key over micro-batches (or processes); sample counts are summed."""
+MERGES: dict[str, Callable[[list[float]], float]] = {
+    "mean": lambda v: float(np.mean(v)),
+    "sum": lambda v: float(sum(v)),
+    "min": lambda v: float(min(v)),
+    "max": lambda v: float(max(v)),
+    "last": lambda v: float(v[-1]),
+}
+
+
+def merge_stats(rows: list[dict[str, float]], rules: dict[str, str]) -> dict[str, float]:
+    """Each key over micro-batches (or processes), keys sorted: `rules[key]` (a key of MERGES), else the mean."""
     out: dict[str, float] = {}
-    keys = {k for r in rows for k in r}
-    for k in sorted(keys):
-        vals = [r[k] for r in rows if k in r]
-        if k in ("sample/samples", "sample/samples_sum"):
-            out["sample/samples_sum"] = float(sum(vals))
-        elif k == "sample/questions_sampled":
-            out[k] = float(sum(vals))
-        elif k == "sample/score_min":
-            out[k] = float(min(vals))
-        elif k == "sample/score_max":
-            out[k] = float(max(vals))
-        elif k == "sample/unresolved":
-            out[k] = float(vals[-1])
-        else:
-            out[k] = float(np.mean(vals))
+    for k in sorted({k for r in rows for k in r}):
+        out[k] = MERGES[rules.get(k, "mean")]([r[k] for r in rows if k in r])
     return out

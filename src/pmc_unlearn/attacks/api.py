@@ -93,7 +93,7 @@ def read_attacks(path: str | Path) -> dict:
 
 
 def read_attack_records(path: str | Path) -> list[dict]:
-    from pmc_unlearn.evaluation.collect import read_records
+    from pmc_unlearn.evaluation.records import read_records
 
     path = Path(path)
     return read_records(path / RECORDS_FILE if path.is_dir() else path)
@@ -138,8 +138,8 @@ def run_attacks(
     (`pmc-unlearn attack --help-settings`). `fmt`: the prompt format; None takes the one saved
     beside a model folder we trained (pmc_unlearn_prompt.json), else the evaluation's.
     """
-    from pmc_unlearn.evaluation.collect import EVAL_FORMAT, FORGET_SPLITS
-    from pmc_unlearn.models import LoadedModel, check_causal_lm, fingerprint, load_model, saved_prompt_format
+    from pmc_unlearn.evaluation.suite import FORGET_SPLITS, prompt_format_for
+    from pmc_unlearn.models import LoadedModel, check_causal_lm, fingerprint, load_model
 
     # 1. validate everything before any work
     names = parse_attacks(attacks)
@@ -161,13 +161,9 @@ def run_attacks(
         raise UserError(f"--output {out}: is a file; pass a folder (it is created when missing)")
     if isinstance(model, str):
         check_causal_lm(model)
-        if fmt is None:
-            saved = saved_prompt_format(model)
-            fmt = (PromptFormat(saved["use_chat_template"], saved["system_prompt"], EVAL_FORMAT.max_length)
-                   if saved else EVAL_FORMAT)
     elif not isinstance(model, LoadedModel):
         raise UserError(f"model {model!r}: pass a model name/folder or a models.LoadedModel")
-    fmt = fmt or EVAL_FORMAT
+    fmt = prompt_format_for(model, fmt)
     if device is None:
         device = default_device()
     if isinstance(model, LoadedModel):
@@ -206,7 +202,8 @@ def run_attacks(
                             f"(fingerprint {doc.get('model_fingerprint')}, this one {fp}); choose another --output or pass --overwrite")
         doc = {}
 
-    from pmc_unlearn.attacks.common import AttackContext, Gen, Timer, load_items
+    from pmc_unlearn.attacks.common import AttackContext, Timer, load_items
+    from pmc_unlearn.sampling import Completion
 
     forget_source = f"tofu:{forget_split}_perturbed"
     ctx = AttackContext(lm.model, lm.tokenizer, fmt, forget_split, load_items(forget_source), max_examples,
@@ -228,7 +225,7 @@ def run_attacks(
         for r in old_records:
             it = by_index.get(r.get("index"))
             if r.get("attack") == "baseline" and it is not None and r.get("question") == it.question:
-                ctx._baseline[it.index] = Gen(r["generation"], r.get("n_tokens", 0), r.get("hit_limit", False))
+                ctx._baseline[it.index] = Completion(r["generation"], r.get("n_tokens", 0), r.get("hit_limit", False))
     doc.update({
         "schema_version": SCHEMA_VERSION,
         "model_name": lm.name, "model_fingerprint": fp, "forget_split": forget_split, "forget_source": forget_source,
@@ -261,13 +258,13 @@ def run_attacks(
         if set(ctx._baseline) != had_baseline:  # the baseline was computed during this attack
             drop.add("baseline")
             base = ctx.baseline()
-            from pmc_unlearn.attacks.common import rouge_l_recall
             from pmc_unlearn.attacks.pure import mean
+            from pmc_unlearn.rewards import rougeL_recall
 
             brecs = [{"attack": "baseline", "index": it.index, "question": it.question, "answer": it.answer,
                       "generation": base[it.index].text, "n_tokens": base[it.index].n_tokens,
                       "hit_limit": base[it.index].hit_limit,
-                      "rougeL_recall": rouge_l_recall(it.answer, base[it.index].text)} for it in ctx.forget_items]
+                      "rougeL_recall": rougeL_recall(it.answer, base[it.index].text)} for it in ctx.forget_items]
             doc["baseline"] = {"what": "greedy answers of the unattacked model to the attacked forget questions",
                                "forget_rougeL_recall": mean([r["rougeL_recall"] for r in brecs]),
                                "n_examples": len(brecs),

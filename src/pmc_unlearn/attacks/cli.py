@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     names = parse_attacks(args.attacks)
     fmt = None
     if args.plain_prompt or args.system_prompt is not None:
-        from pmc_unlearn.evaluation.collect import EVAL_FORMAT
+        from pmc_unlearn.evaluation.suite import EVAL_FORMAT
         from pmc_unlearn.formatting import PromptFormat
 
         fmt = PromptFormat(use_chat_template=not args.plain_prompt, system_prompt=args.system_prompt,

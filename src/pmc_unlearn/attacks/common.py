@@ -3,9 +3,10 @@
 An attack module defines `Settings` (a dataclass whose fields carry help texts and bounds, the
 `<attack>.key=value` overrides; `validate()` checks them), `run(ctx, settings) -> AttackResult`,
 and optionally `check(ctx, settings)`: model-dependent checks that run before any attack does.
-Greedy decoding here is the evaluation's (`evaluation.collect.generate_greedy`: left-padded
-batches sorted by length, cut at EOS) on token ids, so a prompt can carry a prefilled answer
-start; with no prefix the generations are the evaluation's own.
+Greedy decoding here is the evaluation's (`evaluation.scoring.generate_greedy_ids`, through
+`lm.generate`: left-padded batches sorted by length, cut at EOS) on token ids, so a prompt can
+carry a prefilled answer start; with no prefix the generations are the evaluation's own.
+Generations are `sampling.Completion`s; answers are compared by `rewards.rougeL_recall`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 
 from pmc_unlearn.formatting import PromptFormat, prompt_ids, uses_chat
+from pmc_unlearn.rewards import rougeL_recall
+from pmc_unlearn.sampling import Completion
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +61,6 @@ class AttackResult:
     n_examples: int = 0
 
 
-def rouge_l_recall(ground_truth: str, text: str) -> float:
-    from pmc_unlearn.evaluation.collect import rouge_recall
-
-    return rouge_recall(ground_truth, text)["rougeL_recall"]
-
-
-@dataclass
-class Gen:
-    text: str  # decoded new tokens (stop token and special tokens dropped, stripped)
-    n_tokens: int
-    hit_limit: bool
-
-
 @dataclass
 class AttackContext:
     """The model under attack and the run-wide settings every attack reads."""
@@ -89,7 +79,7 @@ class AttackContext:
     model_name: str
     model_folder: str | None  # a save_pretrained folder holding these exact weights, when there is one
     progress: bool = True
-    _baseline: dict[int, Gen] = field(default_factory=dict)
+    _baseline: dict[int, Completion] = field(default_factory=dict)
 
     @property
     def chat(self) -> bool:
@@ -107,27 +97,27 @@ class AttackContext:
         return prompt_ids(self.tokenizer, question, self.fmt)
 
     @torch.inference_mode()
-    def greedy_ids(self, prompts: Sequence[list[int]], model=None, desc: str = "greedy") -> list[Gen]:
-        """Greedy continuations of token-id prompts (evaluation.collect.generate_greedy_ids), in input order."""
+    def greedy_ids(self, prompts: Sequence[list[int]], model=None, desc: str = "greedy") -> list[Completion]:
+        """Greedy continuations of token-id prompts (evaluation.scoring.generate_greedy_ids), in input order."""
         from tqdm.auto import tqdm
 
-        from pmc_unlearn.evaluation.collect import generate_greedy_ids
+        from pmc_unlearn.evaluation.scoring import generate_greedy_ids
 
         model = self.model if model is None else model
         step = 4 * self.batch_size  # a progress update every few batches; results do not depend on it
-        out: list[Gen] = []
+        out: list[Completion] = []
         with tqdm(total=len(prompts), desc=desc, unit="ex", disable=not self.progress, leave=False) as bar:
             for c0 in range(0, len(prompts), step):
                 part = generate_greedy_ids(model, self.tokenizer, prompts[c0 : c0 + step], self.max_new_tokens,
                                            self.batch_size)
-                out += [Gen(g.text, g.n_tokens, g.hit_limit) for g in part]
+                out += part
                 bar.update(len(part))
         return out
 
-    def greedy(self, questions: Sequence[str], model=None, desc: str = "greedy") -> list[Gen]:
+    def greedy(self, questions: Sequence[str], model=None, desc: str = "greedy") -> list[Completion]:
         return self.greedy_ids([self.prompt(q) for q in questions], model, desc)
 
-    def baseline(self) -> dict[int, Gen]:
+    def baseline(self) -> dict[int, Completion]:
         """Greedy answers of the unattacked model to the attacked forget questions (computed once)."""
         todo = [it for it in self.forget_items if it.index not in self._baseline]
         if todo:
@@ -139,7 +129,7 @@ class AttackContext:
         from pmc_unlearn.attacks.pure import mean
 
         b = self.baseline()
-        return mean([rouge_l_recall(it.answer, b[it.index].text) for it in self.forget_items])
+        return mean([rougeL_recall(it.answer, b[it.index].text) for it in self.forget_items])
 
 
 class Timer:

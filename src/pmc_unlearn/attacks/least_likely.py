@@ -25,7 +25,7 @@ class Settings:
 
 
 def run(ctx: AttackContext, s: Settings) -> AttackResult:
-    from pmc_unlearn.evaluation.collect import answer_nll
+    from pmc_unlearn.evaluation.scoring import answer_nll
 
     items = ctx.forget_items
     if any(not it.pert_answers for it in items):
@@ -39,7 +39,7 @@ def run(ctx: AttackContext, s: Settings) -> AttackResult:
     m = aggregate_options(per_q, truth=0)
     m["truth_mean_logprob"] = mean([-r[0] for r in per_q])
     m["perturbed_mean_logprob"] = mean([-x for r in per_q for x in r[1:]])
-    m["likelihood"] = "per-token mean log-prob of the answer tokens (evaluation.collect.answer_nll)"
+    m["likelihood"] = "per-token mean log-prob of the answer tokens (evaluation.scoring.answer_nll)"
     records = [{"index": it.index, "question": it.question, "options": [it.answer, *it.pert_answers],
                 "truth_option": 0, "mean_logprob": [-x for x in r], "least_likely_credit": least_likely_credit(r),
                 "truth_rank_from_least_likely": rank_from_least_likely(r)}

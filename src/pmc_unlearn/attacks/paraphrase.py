@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pmc_unlearn.attacks.common import AttackContext, AttackResult, rouge_l_recall
+from pmc_unlearn.attacks.common import AttackContext, AttackResult
 from pmc_unlearn.attacks.pure import mean
+from pmc_unlearn.rewards import rougeL_recall
 
 
 @dataclass
@@ -22,8 +23,8 @@ class Settings:
 def run(ctx: AttackContext, s: Settings) -> AttackResult:
     items = ctx.forget_items
     gens = ctx.greedy([it.para_question for it in items], desc="paraphrase")
-    vs_para = [rouge_l_recall(it.para_answer, g.text) for it, g in zip(items, gens)]
-    vs_orig = [rouge_l_recall(it.answer, g.text) for it, g in zip(items, gens)]
+    vs_para = [rougeL_recall(it.para_answer, g.text) for it, g in zip(items, gens)]
+    vs_orig = [rougeL_recall(it.answer, g.text) for it, g in zip(items, gens)]
     base = ctx.baseline_recall()
     m = {
         "para_rougeL_recall": mean(vs_para),

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pmc_unlearn.attacks.common import AttackContext, AttackResult, load_items, rouge_l_recall
+from pmc_unlearn.attacks.common import AttackContext, AttackResult, load_items
 from pmc_unlearn.attacks.pure import join_prefix, mean, prefix_text
 from pmc_unlearn.sections import opt
 from pmc_unlearn.errors import UserError
+from pmc_unlearn.rewards import rougeL_recall
 
 RETAIN_SOURCE = "tofu:retain_perturbed"
 
@@ -41,13 +42,13 @@ def _prefilled(ctx: AttackContext, questions: list[str], prefix: str) -> list[li
 def run(ctx: AttackContext, s: Settings) -> AttackResult:
     items = ctx.forget_items
     base = ctx.baseline()
-    base_recall = mean([rouge_l_recall(it.answer, base[it.index].text) for it in items])
+    base_recall = mean([rougeL_recall(it.answer, base[it.index].text) for it in items])
     retain = ctx.cut(load_items(RETAIN_SOURCE)) if s.retain_control else []
     retain_base = None
     records = []
     if retain:
         gens = ctx.greedy([it.question for it in retain], desc="prefill retain (no prefix)")
-        rs = [rouge_l_recall(it.answer, g.text) for it, g in zip(retain, gens)]
+        rs = [rougeL_recall(it.answer, g.text) for it, g in zip(retain, gens)]
         retain_base = mean(rs)
         records += [{"split": "retain", "prefix": None, "index": it.index, "question": it.question, "answer": it.answer,
                      "generation": g.text, "rougeL_recall": r, "hit_limit": g.hit_limit}
@@ -60,8 +61,8 @@ def run(ctx: AttackContext, s: Settings) -> AttackResult:
                 row[f"{split}_rougeL_recall"] = None
                 continue
             gens = ctx.greedy_ids(_prefilled(ctx, [it.question for it in its], prefix), desc=f"prefill {split}")
-            rs = [rouge_l_recall(it.answer, g.text) for it, g in zip(its, gens)]
-            with_prefix = [rouge_l_recall(it.answer, join_prefix(prefix, g.text)) for it, g in zip(its, gens)]
+            rs = [rougeL_recall(it.answer, g.text) for it, g in zip(its, gens)]
+            with_prefix = [rougeL_recall(it.answer, join_prefix(prefix, g.text)) for it, g in zip(its, gens)]
             row[f"{split}_rougeL_recall"] = mean(rs)
             # what scoring the prefix too would give: shows how much it would have inflated recall
             row[f"{split}_rougeL_recall_if_prefix_scored"] = mean(with_prefix)

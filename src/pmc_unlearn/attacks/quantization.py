@@ -30,10 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pmc_unlearn.attacks.common import AttackContext, AttackResult, Timer, rouge_l_recall
+from pmc_unlearn.attacks.common import AttackContext, AttackResult, Timer
 from pmc_unlearn.attacks.pure import mean
 from pmc_unlearn.sections import opt
 from pmc_unlearn.errors import UserError
+from pmc_unlearn.rewards import rougeL_recall
 
 BITS = (8, 4)
 
@@ -179,7 +180,7 @@ def run(ctx: AttackContext, s: Settings) -> AttackResult:
         with Timer() as t:
             qm, info = quantize_copy(ctx.model, bits, s, backend)
             gens = ctx.greedy([it.question for it in items], model=qm, desc=f"quantized {bits}-bit")
-            rs = [rouge_l_recall(it.answer, g.text) for it, g in zip(items, gens)]
+            rs = [rougeL_recall(it.answer, g.text) for it, g in zip(items, gens)]
             del qm
         by_bits[str(bits)] = {"forget_rougeL_recall": mean(rs), **info, "time_s": round(t.s, 3)}
         records += [{"bits": bits, "index": it.index, "question": it.question, "answer": it.answer,

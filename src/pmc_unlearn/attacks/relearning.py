@@ -25,10 +25,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pmc_unlearn.attacks.common import AttackContext, AttackResult, Item, Timer, rouge_l_recall
+from pmc_unlearn.attacks.common import AttackContext, AttackResult, Item, Timer
 from pmc_unlearn.attacks.pure import AUTHOR_SIZE, author_rows, author_split, mean, n_authors, pick_authors
 from pmc_unlearn.sections import opt
 from pmc_unlearn.errors import UserError
+from pmc_unlearn.rewards import rougeL_recall
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def _rows(items: list[Item], idx: list[int]) -> list[Item]:
 
 def _recall(ctx: AttackContext, items: list[Item], model, desc: str) -> tuple[float | None, list]:
     gens = ctx.greedy([it.question for it in items], model=model, desc=desc)
-    rs = [rouge_l_recall(it.answer, g.text) for it, g in zip(items, gens)]
+    rs = [rougeL_recall(it.answer, g.text) for it, g in zip(items, gens)]
     return mean(rs), list(zip(items, gens, rs))
 
 
@@ -104,7 +105,7 @@ def run(ctx: AttackContext, s: Settings) -> AttackResult:
     import torch
 
     from pmc_unlearn.data import load_qa
-    from pmc_unlearn.evaluation.collect import retain_for
+    from pmc_unlearn.evaluation.suite import retain_for
     from pmc_unlearn.models import load_model, save_model
 
     root = ctx.out / SUBDIR

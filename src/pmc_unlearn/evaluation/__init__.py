@@ -1,7 +1,11 @@
 """TOFU evaluation in two stages: collect per-example records (model), then aggregate (pure).
 
-- `collect`: the model part (records, caching, resuming, sharding) and reusable helpers
-  `answer_nll`, `answer_scores`, `generate_greedy`, `collect_records`, `tofu_suite`.
+- `suite`: what is evaluated (`tofu_suite`: splits of items), the greedy settings and the prompt
+  format a model is evaluated with (`prompt_format_for`).
+- `scoring`: the model part (through `pmc_unlearn.lm`): per-example scores and greedy
+  generations, reusable as `answer_nll`, `answer_scores`, `question_scores`, `generate_greedy`.
+- `records`: records on disk: the per-split cache, records.jsonl, resuming, sharding over
+  processes (`collect_records`).
 - `scores`: per-example scores from token log-probs (Min-K%, Min-K%++, ZLib, EM, ES, truth ratio),
   under either convention (open-unlearning, the default, or pmc-unlearn; docs/metrics.md).
 - `metrics`: aggregation of records into summary numbers (both families); `with_scores` derives
@@ -19,10 +23,10 @@ import importlib
 
 _EXPORTS = {
     "evaluate": "api",
-    "collect_records": "collect", "answer_nll": "collect", "answer_scores": "collect",
-    "generate_greedy": "collect", "tofu_suite": "collect", "rouge_recall": "collect",
-    "EvalItem": "collect", "SplitSpec": "collect", "GenSettings": "collect", "Generation": "collect",
-    "EVAL_FORMAT": "collect",
+    "collect_records": "records", "answer_nll": "scoring", "answer_scores": "scoring",
+    "generate_greedy": "scoring", "tofu_suite": "suite", "rouge_recall": "scoring",
+    "EvalItem": "suite", "SplitSpec": "suite", "GenSettings": "suite", "EVAL_FORMAT": "suite",
+    "prompt_format_for": "suite",
     "summarize": "metrics", "RetainReference": "metrics", "with_scores": "metrics",
     "read_reference": "reference",
     "write_open_unlearning": "export",

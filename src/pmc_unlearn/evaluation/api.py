@@ -13,11 +13,14 @@ import time
 from pathlib import Path
 
 from pmc_unlearn.errors import UserError
-from pmc_unlearn.evaluation import collect as C
-from pmc_unlearn.evaluation import export
+from pmc_unlearn.evaluation import export, scores
 from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation.intervals import tofu_intervals
+from pmc_unlearn.evaluation.records import collect_records, read_records, split_key, write_records
 from pmc_unlearn.evaluation.reference import check_reference, read_reference
+from pmc_unlearn.evaluation.suite import (
+    RNG400_SEED, RNG400_SIZE, GenSettings, holdout_for, prompt_format_for, retain_for, tofu_suite,
+)
 from pmc_unlearn.formatting import PromptFormat
 from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, default_device, resolve_dtype
 from pmc_unlearn.provenance import barrier, git_hash, json_safe, launched_processes, rank_world, version_fields
@@ -30,6 +33,7 @@ DTYPES = WEIGHT_DTYPES  # auto: bfloat16 where the device runs it natively (pmc_
 
 
 def check_output(out: Path, overwrite: bool) -> None:
+    """--output is a writable folder (or missing) whose records.jsonl, if any, this command wrote."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out}: is a file; pass a folder (it is created when missing)")
     from pmc_unlearn.rundir import check_writable
@@ -39,7 +43,7 @@ def check_output(out: Path, overwrite: bool) -> None:
         return
     rec = out / RECORDS_FILE
     if rec.exists():
-        foreign = [r for r in C.read_records(rec) if "key" not in r or "split" not in r]
+        foreign = [r for r in read_records(rec) if "key" not in r or "split" not in r]
         if foreign:
             raise UserError(f"--output {out}: {RECORDS_FILE} there was not written by this command; "
                             "choose another --output or pass --overwrite")
@@ -79,6 +83,7 @@ def evaluate(
     dtype: str = "auto",
     retain_sample: str = "perturbed",
     fmt: PromptFormat | None = None,
+    default_fmt: PromptFormat | None = None,
     use_cache: bool = True,
     overwrite: bool = False,
     progress: bool = True,
@@ -94,16 +99,19 @@ def evaluate(
     `bootstrap` resamples (0: none) give every headline number a 95% interval over questions
     (`<key>_ci`; `evaluation.intervals`). Without `retain_records`, `require_forget_quality=True` raises UserError (forget quality needs
     the retain model); with False, forget_quality and privleak are null and a note says why.
+    `fmt`: the prompt format; None takes the one saved beside a model folder we trained
+    (pmc_unlearn_prompt.json), else `default_fmt` (e.g. the demo profile's format for the base model),
+    else the evaluation's (`suite.prompt_format_for`).
     `convention` (open-unlearning or pmc-unlearn, docs/metrics.md) chooses the metric definitions;
     the records hold what both need, so the cache serves both, and summary.json says which was used.
-    `specs`: the splits to evaluate (a subset of TOFU's, e.g. the demo's; default `collect.tofu_suite`).
+    `specs`: the splits to evaluate (a subset of TOFU's, e.g. the demo's; default `suite.tofu_suite`).
     `self_reference`: the model is the retain model, its own records the reference (forget quality 1;
     needs `output_dir`). `extra`: fields added to the summary.
     """
     # 1. validate everything before any work
-    if convention not in C.scores.CONVENTIONS:
-        raise UserError(f"--convention {convention}: choose one of {', '.join(C.scores.CONVENTIONS)}")
-    fmt = fmt or C.EVAL_FORMAT
+    if convention not in scores.CONVENTIONS:
+        raise UserError(f"--convention {convention}: choose one of {', '.join(scores.CONVENTIONS)}")
+    fmt = prompt_format_for(model, fmt, default=default_fmt)
     if bootstrap < 0:
         raise UserError(f"--bootstrap {bootstrap}: give 0 (no intervals) or a number of resamples such as 1000")
     if batch_size < 1:
@@ -112,7 +120,7 @@ def evaluate(
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    specs = specs if specs is not None else C.tofu_suite(forget_split, retain_sample, max_examples)
+    specs = specs if specs is not None else tofu_suite(forget_split, retain_sample, max_examples)
     if self_reference and (retain_records is not None or output_dir is None):
         raise ValueError("self_reference: the model's own records are the reference; give output_dir, no retain_records")
     forget_items = next(s for s in specs if s.name == M.FORGET).items
@@ -140,10 +148,10 @@ def evaluate(
     actual_dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     t_load = time.time() - t0
 
-    gen = C.GenSettings(max_new_tokens)
+    gen = GenSettings(max_new_tokens)
     if out is not None and not overwrite:
-        keys = {C.split_key(fp, s, gen, fmt, lm.tokenizer) for s in specs}
-        other = {r.get("key") for r in C.read_records(out / RECORDS_FILE)} - keys
+        keys = {split_key(fp, s, gen, fmt, lm.tokenizer) for s in specs}
+        other = {r.get("key") for r in read_records(out / RECORDS_FILE)} - keys
         if other:
             raise UserError(f"--output {out}: its {RECORDS_FILE} holds records of another model or other settings; "
                             "choose another --output or pass --overwrite")
@@ -156,7 +164,7 @@ def evaluate(
             (out / RECORDS_FILE).unlink(missing_ok=True)
     barrier(_world)
     t1 = time.time()
-    records = C.collect_records(
+    records = collect_records(
         lm.model, lm.tokenizer, specs, fmt, gen, batch_size,
         records_path=(out / RECORDS_FILE) if out is not None else None,
         use_cache=use_cache, model_fingerprint=fp, progress=progress,
@@ -167,7 +175,7 @@ def evaluate(
     t2 = time.time()
     records = M.with_scores(records, convention)
     if self_reference and main:
-        C.write_records(records, out / RECORDS_FILE)
+        write_records(records, out / RECORDS_FILE)
         reference = read_reference(out / RECORDS_FILE, convention)
     summary = M.summarize(records, reference, require_forget_quality=False, convention=convention)
     summary.update(tofu_intervals(records, summary, reference, n_boot=bootstrap))
@@ -176,10 +184,10 @@ def evaluate(
         "model_name": lm.name,
         "model_fingerprint": fp,
         "forget_split": forget_split,
-        "holdout_split": C.holdout_for(forget_split),
+        "holdout_split": holdout_for(forget_split),
         "retain_sample": ("tofu:retain_perturbed (TOFU's 400 evaluation rows)" if retain_sample == "perturbed" else
-                          f"tofu:{C.retain_for(forget_split)} rows default_rng({C.RNG400_SEED}).integers(0, n, "
-                          f"{C.RNG400_SIZE}) (PMC authors' sample, with replacement)"),
+                          f"tofu:{retain_for(forget_split)} rows default_rng({RNG400_SEED}).integers(0, n, "
+                          f"{RNG400_SIZE}) (PMC authors' sample, with replacement)"),
         "max_examples": max_examples,
         **{f"n_examples_{s.name}": len(s.items) for s in specs},
         "max_new_tokens": max_new_tokens,
@@ -191,7 +199,7 @@ def evaluate(
         "prompt_chat_template": fmt.use_chat_template and bool(getattr(lm.tokenizer, "chat_template", None)),
         "prompt_system": fmt.system_prompt,
         "prompt_max_length": fmt.max_length,
-        "min_k": C.scores.MIN_K,
+        "min_k": scores.MIN_K,
         "convention": convention,
         "time_load_s": round(t_load, 3),
         "time_collect_s": round(t_collect, 3),
@@ -204,7 +212,7 @@ def evaluate(
 
     # 5. write (main process only)
     if out is not None and main:
-        C.write_records(records, out / RECORDS_FILE)
+        write_records(records, out / RECORDS_FILE)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         export.write_open_unlearning(records, summary, out)
         log.info("wrote %s, %s, TOFU_EVAL.json and TOFU_SUMMARY.json in %s", RECORDS_FILE, SUMMARY_FILE, out)

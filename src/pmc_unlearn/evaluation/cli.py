@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pmc_unlearn.errors import UserError
     from pmc_unlearn.evaluation.api import evaluate
-    from pmc_unlearn.evaluation.collect import EVAL_FORMAT
+    from pmc_unlearn.evaluation.suite import EVAL_FORMAT
     from pmc_unlearn.formatting import PromptFormat
 
     if args.retain_records is not None and args.no_forget_quality:
@@ -73,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--forget-split is required with --benchmark tofu: choose forget01, forget05 or forget10")
     if args.forget_texts is not None or args.max_length is not None:
         raise UserError("--forget-texts and --max-length are for --benchmark muse-news; leave them out for TOFU")
-    from pmc_unlearn.models import saved_prompt_format
-
     chosen = {"retain_sample": args.retain_sample, "max_new_tokens": args.max_new_tokens}
     settings = {"retain_sample": "perturbed", "max_new_tokens": 200}
     if args.protocol:
@@ -87,12 +85,9 @@ def run(args: argparse.Namespace) -> int:
         settings.update(proto.settings)
     settings.update({k: v for k, v in chosen.items() if v is not None})
 
-    fmt = PromptFormat(use_chat_template=not args.plain_prompt, system_prompt=args.system_prompt,
-                       max_length=EVAL_FORMAT.max_length)
-    saved = saved_prompt_format(args.model)
-    if saved and not args.plain_prompt and args.system_prompt is None:
-        # a model we trained carries the prompt format it learned with: use it unless told otherwise
-        fmt = PromptFormat(use_chat_template=saved["use_chat_template"], system_prompt=saved["system_prompt"],
+    fmt = None  # evaluate() takes the format a model we trained saved (the one it learned with), else the default
+    if args.plain_prompt or args.system_prompt is not None:
+        fmt = PromptFormat(use_chat_template=not args.plain_prompt, system_prompt=args.system_prompt,
                            max_length=EVAL_FORMAT.max_length)
     s = evaluate(
         args.model, args.forget_split, args.output,

@@ -2,10 +2,10 @@
 
 Every definition follows docs/metrics.md, under one of two conventions (`scores.CONVENTIONS`:
 open-unlearning, the default, or pmc-unlearn; docs/metrics.md lists what differs). The input is
-the list of record dicts that `collect.py` writes to records.jsonl (one per split and example);
+the list of record dicts that `records.collect_records` writes to records.jsonl (one per split and example);
 `summarize` returns the flat summary.json object minus the run settings, which `api.evaluate` adds.
 
-Record fields read here (see collect.py for the producer):
+Record fields read here (see scoring.py and records.py for the producer):
   split, index, question, answer,
   nll (token-mean NLL of the answer), para_nll, pert_nll (list),
   tok_lp, tok_hit, tok_z, zlib_bytes_answer, zlib_bytes_labels (per-token lists and sizes, from
@@ -32,7 +32,7 @@ from pmc_unlearn.evaluation.scores import DEFAULT_CONVENTION, OPEN_UNLEARNING, O
 
 Record = dict
 
-# Split names used in records (collect.tofu_suite builds them).
+# Split names used in records (suite.tofu_suite builds them).
 FORGET = "forget"
 FORGET_PARA = "forget_para"
 RETAIN = "retain"

@@ -12,7 +12,7 @@ Definitions (MUSE, Shi et al. 2024; docs/muse.md):
   (metrics.privleak). AUC'_retain comes from the retain model's records on the same texts.
 VerbMem and KnowMem are reported x 100 (MUSE's tables); PrivLeak is in percent.
 
-Same two stages as TOFU: `collect.collect_records` writes per-example records (cached by
+Same two stages as TOFU: `records.collect_records` writes per-example records (cached by
 weights, split and settings), `summarize_muse` aggregates them with pure functions.
 """
 
@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from pmc_unlearn.errors import UserError
-from pmc_unlearn.evaluation import collect as C
+from pmc_unlearn.evaluation import scores
 from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation.bootstrap import LEVEL, N_RESAMPLES, SEED, bootstrap_interval
+from pmc_unlearn.evaluation.records import collect_records, read_records, split_key, write_records
+from pmc_unlearn.evaluation.suite import EvalItem, GenSettings, SplitSpec
 from pmc_unlearn.formatting import PromptFormat
 from pmc_unlearn.provenance import barrier, git_hash, json_safe, rank_world, version_fields
 
@@ -209,7 +211,7 @@ def read_retain_records(path: str | Path) -> list[dict]:
     if not p.exists():
         raise UserError(f"--retain-records {path}: not found; pass the records.jsonl (or its folder) of "
                         "`pmc-unlearn eval --benchmark muse-news` on the retain model")
-    recs = C.read_records(p)
+    recs = read_records(p)
     if not any(r.get("split") == PRIVLEAK_FORGET for r in recs):
         raise UserError(f"--retain-records {path}: holds no MUSE privleak records; pass the records of "
                         "`pmc-unlearn eval --benchmark muse-news` on the retain model")
@@ -218,7 +220,7 @@ def read_retain_records(path: str | Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- the suite
 
-def muse_suite(max_examples: int | None = None, forget_texts: str | None = None) -> list[C.SplitSpec]:
+def muse_suite(max_examples: int | None = None, forget_texts: str | None = None) -> list[SplitSpec]:
     """The MUSE-News evaluation splits (first `max_examples` of each when given).
 
     `forget_texts`: a text source holding the articles the model was trained on, when it saw only
@@ -248,19 +250,19 @@ def muse_suite(max_examples: int | None = None, forget_texts: str | None = None)
         tag = "#texts=" + hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
     icl_f, icl_r = load_rows("muse-news:knowmem_forget_icl"), load_rows("muse-news:knowmem_retain_icl")
     specs = [
-        C.SplitSpec(VERBMEM, "muse-news:verbmem" + tag,
-                    [C.EvalItem(i, verb[i]["prompt"], verb[i]["gt"]) for i in cut(vsel)],
+        SplitSpec(VERBMEM, "muse-news:verbmem" + tag,
+                    [EvalItem(i, verb[i]["prompt"], verb[i]["gt"]) for i in cut(vsel)],
                     nll=False, mode="text", max_new_tokens=VERBMEM_NEW_TOKENS),
-        C.SplitSpec(KNOWMEM_FORGET, "muse-news:knowmem_forget+icl" + tag,
-                    [C.EvalItem(i, knowmem_prompt(icl_f, kf[i]["question"]), kf[i]["answer"]) for i in cut(ksel)],
+        SplitSpec(KNOWMEM_FORGET, "muse-news:knowmem_forget+icl" + tag,
+                    [EvalItem(i, knowmem_prompt(icl_f, kf[i]["question"]), kf[i]["answer"]) for i in cut(ksel)],
                     nll=False, mode="text", max_new_tokens=KNOWMEM_NEW_TOKENS, first_line=True),
-        C.SplitSpec(KNOWMEM_RETAIN, "muse-news:knowmem_retain+icl",
-                    [C.EvalItem(i, knowmem_prompt(icl_r, r["question"]), r["answer"]) for i, r in enumerate(cut(kr))],
+        SplitSpec(KNOWMEM_RETAIN, "muse-news:knowmem_retain+icl",
+                    [EvalItem(i, knowmem_prompt(icl_r, r["question"]), r["answer"]) for i, r in enumerate(cut(kr))],
                     nll=False, mode="text", max_new_tokens=KNOWMEM_NEW_TOKENS, first_line=True),
-        C.SplitSpec(PRIVLEAK_FORGET, "muse-news:privleak_forget" if forget_texts is None else "forget_texts" + tag,
-                    [C.EvalItem(i, "", t) for i, t in enumerate(cut(pf_texts))], generate=False, mode="text"),
-        C.SplitSpec(PRIVLEAK_HOLDOUT, "muse-news:holdout",
-                    [C.EvalItem(i, "", r["text"]) for i, r in enumerate(cut(load_rows("muse-news:holdout")))],
+        SplitSpec(PRIVLEAK_FORGET, "muse-news:privleak_forget" if forget_texts is None else "forget_texts" + tag,
+                    [EvalItem(i, "", t) for i, t in enumerate(cut(pf_texts))], generate=False, mode="text"),
+        SplitSpec(PRIVLEAK_HOLDOUT, "muse-news:holdout",
+                    [EvalItem(i, "", r["text"]) for i, r in enumerate(cut(load_rows("muse-news:holdout")))],
                     generate=False, mode="text"),
     ]
     return [s for s in specs if s.items]
@@ -317,10 +319,10 @@ def evaluate_muse(
     lm, precision = api.load_for_eval(model, dtype, device)
     fp = fingerprint(lm.model)
     t_load = time.time() - t0
-    gen = C.GenSettings(KNOWMEM_NEW_TOKENS)
+    gen = GenSettings(KNOWMEM_NEW_TOKENS)
     if out is not None and not overwrite:
-        keys = {C.split_key(fp, s, gen, fmt, lm.tokenizer) for s in specs}
-        other = {r.get("key") for r in C.read_records(out / api.RECORDS_FILE)} - keys
+        keys = {split_key(fp, s, gen, fmt, lm.tokenizer) for s in specs}
+        other = {r.get("key") for r in read_records(out / api.RECORDS_FILE)} - keys
         if other:
             raise UserError(f"--output {out}: its {api.RECORDS_FILE} holds records of another model or other "
                             "settings; choose another --output or pass --overwrite")
@@ -331,7 +333,7 @@ def evaluate_muse(
             (out / api.RECORDS_FILE).unlink(missing_ok=True)
     barrier(world)
     t1 = time.time()
-    records = C.collect_records(lm.model, lm.tokenizer, specs, fmt, gen, batch_size,
+    records = collect_records(lm.model, lm.tokenizer, specs, fmt, gen, batch_size,
                                 records_path=(out / api.RECORDS_FILE) if out is not None else None,
                                 use_cache=use_cache, model_fingerprint=fp, progress=progress)
     t_collect = time.time() - t1
@@ -350,12 +352,12 @@ def evaluate_muse(
         "max_length": max_length, "decoding": "greedy", "prompt": "raw text (no chat template)",
         "batch_size": batch_size, "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
         "precision": precision.as_dict(), "device": str(next(lm.model.parameters()).device),
-        "min_k": C.scores.MIN_K, "time_load_s": round(t_load, 3), "time_collect_s": round(t_collect, 3),
+        "min_k": scores.MIN_K, "time_load_s": round(t_load, 3), "time_collect_s": round(t_collect, 3),
         "git_commit": git_hash(), **version_fields(),
     })
     summary = json_safe(summary)
     if out is not None and rank == 0:
-        C.write_records(records, out / api.RECORDS_FILE)
+        write_records(records, out / api.RECORDS_FILE)
         (out / api.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         log.info("wrote %s and %s in %s", api.RECORDS_FILE, api.SUMMARY_FILE, out)
     return summary

@@ -28,7 +28,8 @@ from pathlib import Path
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.evaluation import metrics as M
 from pmc_unlearn.evaluation import scores
-from pmc_unlearn.evaluation.collect import EvalItem, read_records
+from pmc_unlearn.evaluation.records import read_records
+from pmc_unlearn.evaluation.suite import EvalItem
 
 OU_FILE = "TOFU_EVAL.json"
 RECORDS_FILE = "records.jsonl"

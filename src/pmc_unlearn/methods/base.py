@@ -8,8 +8,19 @@ logging. A method only says what to do with a micro-batch of primary-set indices
                                 skipped state is restored from a checkpoint instead
     on_epoch_start(ctx, epoch)  optional hook
     prepare(ctx, idx, ridx)     build the batch (PMC samples and selects here) -> Prepared
-    loss(ctx, model, prepared)  -> (scalar loss, {log key: float}); runs under autocast
+    loss(ctx, model, prepared)  -> (scalar loss, {log key: float}); runs under autocast, on a
+                                batch the loop has put on the device; the model is scored
+                                through `lm.score_batch` and the loss math is in `losses`
     state_dict / load_state_dict  whatever must survive a crash (PMC: references, memory)
+    time_limit(ctx)             optional: training wall-time limit in seconds (0: none); read
+                                by the loop after setup (retain_ft: a matched run's time)
+
+and declares how the loop logs it:
+
+    stat_merge                  {stat: "sum" | "min" | "max" | "last"} for stats in
+                                Prepared.stats that are not averaged over the micro-batches of
+                                an optimizer step and over processes (the default: the mean)
+    progress_stats              stats shown in the progress bar after the loss
 
 `idx` are indices into the primary set (the forget set for unlearning, the training set for
 fine-tuning); `ridx` are retain indices drawn by the loop, one per primary index.
@@ -19,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -41,14 +52,13 @@ class RunContext:
     primary: list[dict]
     retain: list[dict]
     accelerator: Any
-    sampler: Any = None
+    sampler: Any = None  # a sampler handed to train() (benchmarks); methods that sample use it, else build their own
     step: int = 0  # optimizer steps done
     epoch: int = 0
     micro: int = 0  # micro-batch index within the epoch
     write_samples: Callable[[list[dict]], None] = lambda rows: None
     bf16: bool = False  # the loop's resolved autocast (train.bf16 on this device)
     weights_dtype: str = "float32"  # the resolved model.dtype
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -73,12 +83,15 @@ class Prepared:
     n_primary: int  # rows [0, n_primary) are primary-set rows, the rest retain rows
     stats: dict[str, float] = field(default_factory=dict)
     tokens: int = 0  # answer tokens trained on (for throughput)
+    samples: int = 0  # answers generated to build this batch (for throughput: perf/samples_per_s)
 
 
 class Method:
     name = "base"
     uses_primary_answers = True  # PMC: False (it never reads the forget answers)
     uses_retain = True
+    stat_merge: ClassVar[dict[str, str]] = {}
+    progress_stats: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -98,6 +111,10 @@ class Method:
     def loss(self, ctx: RunContext, model, prep: Prepared) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def time_limit(self, ctx: RunContext) -> float:
+        """Training wall-time limit in seconds (0: none), read once after `setup`: train.max_time_s."""
+        return ctx.cfg.train.max_time_s
+
     def state_dict(self) -> dict:
         return {}
 
@@ -108,46 +125,3 @@ class Method:
         """Extra facts for manifest.json (e.g. a reference model's memory cost)."""
         return {}
 
-
-def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of a right-padded batch, from the first position that predicts an answer token on.
-
-    Prompt positions before it predict nothing the losses count, so the vocabulary projection
-    (a fifth of a small model's FLOPs) and the fp32 log-softmax skip them; `labels` is cut to the
-    same window, so every shift-based loss gives the numbers of the full-length logits.
-    """
-    from pmc_unlearn.formatting import IGNORE
-    from pmc_unlearn.models import takes_logits_to_keep
-
-    labels = batch["labels"]
-    T = labels.shape[1]
-    counted = (labels != IGNORE).any(0)  # [T]
-    first = int(counted.float().argmax()) if bool(counted.any()) else 1
-    start = max(0, first - 1)  # the position that predicts the first answer token
-    kw = {}
-    if start > 0 and takes_logits_to_keep(model):
-        # an index tensor: the int form slices a strided view, which makes matmul copy the LM head
-        kw["logits_to_keep"] = torch.arange(start, T, device=labels.device)
-    else:
-        start = 0
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw).logits
-    return logits, labels[:, start:]
-
-
-def answer_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`losses.token_logprobs` of the batch's answer tokens, via `answer_logits` ([B, L] each, L <= T-1)."""
-    from pmc_unlearn.losses import token_logprobs
-
-    return token_logprobs(*answer_logits(model, batch))
-
-
-def split_nll(logits: torch.Tensor, labels: torch.Tensor, n_primary: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token-mean NLL of the primary rows and of the retain rows of one forward pass."""
-    from pmc_unlearn.losses import token_logprobs
-
-    lp, mask = token_logprobs(logits, labels)  # [B, T-1]
-    p = -lp[:n_primary].sum() / mask[:n_primary].sum().clamp(min=1)
-    if n_primary == lp.shape[0]:
-        return p, None
-    r = -lp[n_primary:].sum() / mask[n_primary:].sum().clamp(min=1)
-    return p, r

@@ -14,8 +14,9 @@ draws them). docs/methods.md gives the sources of every default and the sign con
     retain_ft  NLL(retain) only, for the wall time of another run                       (no forget answers)
     scrub      max passes: -KL(ref || theta)(y_f); min passes: alpha KL(ref || theta)(y_r) + gamma NLL(y_r)
 
-The loss formulas are pure tensor functions (`npo_loss`, `simnpo_loss`, `dpo_loss`, `masked_mse`),
-tested against hand computations; the classes only build batches and call them.
+The loss formulas are pure tensor functions in `losses` (`npo_loss`, `simnpo_loss`, `dpo_loss`,
+`masked_mse`, ...), tested against hand computations; the classes only build batches, score them
+(`lm.score_batch`, on the batch the loop has put on the device) and call them.
 """
 
 from __future__ import annotations
@@ -29,41 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pmc_unlearn.sections import opt
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import IGNORE, Example, collate_train, encode_row
-from pmc_unlearn.losses import distill_kl, scrub_max_loss, scrub_min_loss, scrub_phase, token_mean_nll
-from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logits, answer_logprobs, derive_seed
+from pmc_unlearn.lm import score_batch, to_device
+from pmc_unlearn.losses import (
+    distill_kl, dpo_loss, masked_mse, mean_nll, npo_loss, scrub_max_loss, scrub_min_loss, scrub_phase, simnpo_loss,
+    token_mean_nll,
+)
+from pmc_unlearn.methods.base import Method, Prepared, RunContext, derive_seed
 
 log = logging.getLogger(__name__)
-
-
-# ----- pure losses (tensors in, scalar out) ------------------------------------------------------
-
-def npo_loss(s_theta: torch.Tensor, s_ref: torch.Tensor, beta: float) -> torch.Tensor:
-    """NPO: -(2/beta) mean log sigmoid(-beta (S_theta - S_ref)); S are summed log-probs, [B]."""
-    return -(2.0 / beta) * F.logsigmoid(-beta * (s_theta - s_ref)).mean()
-
-
-def simnpo_loss(s_theta: torch.Tensor, lengths: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """SimNPO (paper form): -(2/beta) mean log sigmoid(-beta S_theta / |y| - gamma); [B] -> scalar."""
-    return -(2.0 / beta) * F.logsigmoid(-beta * s_theta / lengths - gamma).mean()
-
-
-def dpo_loss(s_win: torch.Tensor, s_win_ref: torch.Tensor, s_lose: torch.Tensor, s_lose_ref: torch.Tensor,
-             beta: float) -> torch.Tensor:
-    """DPO scaled by 2/beta (open-unlearning's form): -(2/beta) mean log sigmoid(beta (win log-ratio - lose log-ratio))."""
-    margin = (s_win - s_win_ref) - (s_lose - s_lose_ref)
-    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
-
-
-def masked_mse(acts: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked tokens of the per-token mean squared error: acts [B, T, D], target broadcastable, mask [B, T]."""
-    per_token = (acts.float() - target.float()).pow(2).mean(-1)  # [B, T]
-    m = mask.to(per_token.dtype)
-    return (per_token * m).sum() / m.sum().clamp(min=1)
 
 
 # ----- shared pieces ------------------------------------------------------------------------------
@@ -85,17 +63,19 @@ def _build(ctx: RunContext, primary: list[Example], retain: list[Example], stats
                     tokens=sum(len(e.answer) for e in rows))
 
 
-def _on_device(ctx: RunContext, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.to(ctx.device) for k, v in batch.items()}
+def _token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of every answer token, mask), [B, L-1] each: `lm.score_batch`."""
+    s = score_batch(model, batch)
+    return s.logprobs, s.mask
+
+
+def _scored(model, prep: Prepared) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`_token_logprobs` of the prepared batch and its number of primary rows."""
+    return (*_token_logprobs(model, prep.batch), prep.n_primary)
 
 
 def _rows(batch: dict[str, torch.Tensor], a: int, b: int | None = None) -> dict[str, torch.Tensor]:
     return {k: batch[k][a:b] for k in ("input_ids", "attention_mask", "labels")}
-
-
-def _mean_nll(lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token-mean NLL of rows given their token log-probs [R, T-1] and mask."""
-    return -lp.sum() / mask.sum().clamp(min=1)
 
 
 def _autocast(ctx: RunContext):
@@ -158,7 +138,7 @@ class _Baseline(Method):
     def _add_retain(self, loss: torch.Tensor, lp: torch.Tensor, mask: torch.Tensor, n: int, logs: dict) -> torch.Tensor:
         if lp.shape[0] == n:
             return loss
-        r = _mean_nll(lp[n:], mask[n:])
+        r = mean_nll(lp[n:], mask[n:])
         logs["train/retain_nll"] = float(r.detach())
         return loss + self.cfg.retain_weight * r
 
@@ -175,9 +155,8 @@ class GradientAscent(_Baseline):
     uses_retain = False
 
     def loss(self, ctx, model, prep):
-        b = _on_device(ctx, prep.batch)
-        lp, mask = answer_logprobs(model, b)
-        nll = _mean_nll(lp, mask)
+        lp, mask, _ = _scored(model, prep)
+        nll = mean_nll(lp, mask)
         return -nll, {"train/forget_nll": float(nll.detach())}
 
 
@@ -190,10 +169,8 @@ class GradientDifference(_Baseline):
     name = "gd"
 
     def loss(self, ctx, model, prep):
-        b = _on_device(ctx, prep.batch)
-        n = prep.n_primary
-        lp, mask = answer_logprobs(model, b)
-        nll = _mean_nll(lp[:n], mask[:n])
+        lp, mask, n = _scored(model, prep)
+        nll = mean_nll(lp[:n], mask[:n])
         logs = {"train/forget_nll": float(nll.detach())}
         return self._add_retain(-nll, lp, mask, n, logs), logs
 
@@ -229,9 +206,9 @@ class NPO(_Baseline):
         vals = []
         with torch.no_grad(), _autocast(ctx):
             for a in range(0, n, bs):
-                b = _on_device(ctx, collate_train(self._forget_rows(ctx, list(range(a, min(n, a + bs)))),
-                                                  ctx.tokenizer.pad_token_id))
-                lp, _ = answer_logprobs(ref, b)
+                b = to_device(collate_train(self._forget_rows(ctx, list(range(a, min(n, a + bs)))),
+                                            ctx.tokenizer.pad_token_id), ctx.device)
+                lp, _ = _token_logprobs(ref, b)
                 vals.append(lp.sum(1).float().cpu())
         self.s_ref = torch.cat(vals)
         self.info["reference_model"] = f"freed after precomputing S_ref for {n} forget pairs (no memory while training)"
@@ -245,17 +222,15 @@ class NPO(_Baseline):
         return prep
 
     def loss(self, ctx, model, prep):
-        b = _on_device(ctx, prep.batch)
-        n = prep.n_primary
-        lp, mask = answer_logprobs(model, b)
+        lp, mask, n = _scored(model, prep)
         s = lp[:n].sum(1)  # [n] S_theta(y_f)
-        if "ref_logp" in b:
-            s_ref = b["ref_logp"]
+        if "ref_logp" in prep.batch:
+            s_ref = prep.batch["ref_logp"]
         else:
             with torch.no_grad():
-                s_ref = answer_logprobs(self.ref, _rows(b, 0, n))[0].sum(1)
+                s_ref = _token_logprobs(self.ref, _rows(prep.batch, 0, n))[0].sum(1)
         forget = npo_loss(s, s_ref, self.cfg.beta)
-        logs = {"train/forget_loss": float(forget.detach()), "train/forget_nll": float(_mean_nll(lp[:n], mask[:n]).detach()),
+        logs = {"train/forget_loss": float(forget.detach()), "train/forget_nll": float(mean_nll(lp[:n], mask[:n]).detach()),
                 "train/log_ratio": float((s - s_ref).mean().detach())}
         return self._add_retain(forget, lp, mask, n, logs), logs
 
@@ -275,12 +250,10 @@ class SimNPO(_Baseline):
     name = "simnpo"
 
     def loss(self, ctx, model, prep):
-        b = _on_device(ctx, prep.batch)
-        n = prep.n_primary
-        lp, mask = answer_logprobs(model, b)
+        lp, mask, n = _scored(model, prep)
         lengths = mask[:n].sum(1).clamp(min=1).to(lp.dtype)  # |y_f| in tokens
         forget = simnpo_loss(lp[:n].sum(1), lengths, self.cfg.beta, self.cfg.gamma)
-        logs = {"train/forget_loss": float(forget.detach()), "train/forget_nll": float(_mean_nll(lp[:n], mask[:n]).detach())}
+        logs = {"train/forget_loss": float(forget.detach()), "train/forget_nll": float(mean_nll(lp[:n], mask[:n]).detach())}
         return self._add_retain(self.cfg.forget_weight * forget, lp, mask, n, logs), logs
 
 
@@ -315,10 +288,8 @@ class IdkNLL(_Baseline):
         return _build(ctx, fe, self._retain_rows(ctx, ridx))
 
     def loss(self, ctx, model, prep):
-        b = _on_device(ctx, prep.batch)
-        n = prep.n_primary
-        lp, mask = answer_logprobs(model, b)
-        nll = _mean_nll(lp[:n], mask[:n])
+        lp, mask, n = _scored(model, prep)
+        nll = mean_nll(lp[:n], mask[:n])
         logs = {"train/idk_nll": float(nll.detach())}
         return self._add_retain(nll, lp, mask, n, logs), logs
 
@@ -353,17 +324,15 @@ class IdkDPO(_Baseline):
         return _build(ctx, win + self._forget_rows(ctx, idx), self._retain_rows(ctx, ridx))
 
     def loss(self, ctx, model, prep):
-        b = _on_device(ctx, prep.batch)
-        n2 = prep.n_primary
+        lp, mask, n2 = _scored(model, prep)
         n = n2 // 2
-        lp, mask = answer_logprobs(model, b)
         s = lp[:n2].sum(1)  # [2n]: refusals, then forget answers
         with torch.no_grad():
-            s_ref = answer_logprobs(self.ref, _rows(b, 0, n2))[0].sum(1)
+            s_ref = _token_logprobs(self.ref, _rows(prep.batch, 0, n2))[0].sum(1)
         forget = dpo_loss(s[:n], s_ref[:n], s[n:], s_ref[n:], self.cfg.beta)
         logs = {"train/forget_loss": float(forget.detach()),
-                "train/idk_nll": float(_mean_nll(lp[:n], mask[:n]).detach()),
-                "train/forget_nll": float(_mean_nll(lp[n:n2], mask[n:n2]).detach())}
+                "train/idk_nll": float(mean_nll(lp[:n], mask[:n]).detach()),
+                "train/forget_nll": float(mean_nll(lp[n:n2], mask[n:n2]).detach())}
         return self._add_retain(forget, lp, mask, n2, logs), logs
 
     def manifest_info(self) -> dict:
@@ -495,8 +464,8 @@ class RMU(_Baseline):
         n, bs = len(ctx.primary), max(1, ctx.cfg.train.batch_size)
         with torch.no_grad(), _autocast(ctx):
             for a in range(0, min(n, 256), bs):
-                b = _on_device(ctx, collate_train(self._forget_rows(ctx, list(range(a, min(n, a + bs)))),
-                                                  ctx.tokenizer.pad_token_id))
+                b = to_device(collate_train(self._forget_rows(ctx, list(range(a, min(n, a + bs)))),
+                                            ctx.tokenizer.pad_token_id), ctx.device)
                 h = layer_output(self.ref, self.ref_layer, b, stop=True).float()
                 m = b["labels"] != IGNORE
                 total += float(h.norm(dim=-1)[m].sum())
@@ -504,7 +473,7 @@ class RMU(_Baseline):
         return total / max(1, count)
 
     def loss(self, ctx, model, prep):
-        b = _on_device(ctx, prep.batch)
+        b = prep.batch
         n = prep.n_primary
         mask = b["labels"] != IGNORE  # [B, T] answer positions
         raw = ctx.raw_model
@@ -583,10 +552,10 @@ class SCRUB(Method):
         return _encode(ctx, [ctx.primary[i] for i in idx])
 
     def loss(self, ctx, model, prep):
-        b = _on_device(ctx, prep.batch)
-        logits, labels = answer_logits(model, b)
+        student = score_batch(model, prep.batch)
         with torch.no_grad():
-            t_logits, _ = answer_logits(self.teacher, b)
+            teacher = score_batch(self.teacher, prep.batch)
+        logits, labels, t_logits = student.logits, student.labels, teacher.logits
         L = min(logits.shape[1], t_logits.shape[1])  # both windows end at the last position
         logits, labels, t_logits = logits[:, -L:], labels[:, -L:], t_logits[:, -L:]
         kl = distill_kl(logits, t_logits, labels, self.cfg.kl_temperature)
@@ -640,24 +609,29 @@ class RetainFT(Method):
     def __init__(self, cfg: RetainFTConfig):
         super().__init__(cfg)
         self.info: dict = {}
+        self.max_time_s = 0.0
 
     def setup(self, ctx):
+        self.max_time_s = ctx.cfg.train.max_time_s
         if self.cfg.match_run:
             t = matched_train_seconds(self.cfg.match_run)
-            if ctx.cfg.train.max_time_s and ctx.cfg.train.max_time_s != t:
-                log.warning("retain_ft.match_run overrides train.max_time_s=%s with %.1f s", ctx.cfg.train.max_time_s, t)
-            ctx.cfg.train.max_time_s = t
+            if self.max_time_s and self.max_time_s != t:
+                log.warning("retain_ft.match_run overrides train.max_time_s=%s with %.1f s", self.max_time_s, t)
+            self.max_time_s = t
             self.info = {"matched_run": str(self.cfg.match_run)}
-        self.info["train_max_time_s"] = ctx.cfg.train.max_time_s
+        self.info["train_max_time_s"] = self.max_time_s
+
+    def time_limit(self, ctx) -> float:
+        """train.max_time_s, or the matched run's training time (retain_ft.match_run)."""
+        return self.max_time_s
 
     def prepare(self, ctx, idx, ridx):
         ex = _encode(ctx, [ctx.retain[j] for j in ridx])
         return _build(ctx, ex, [])
 
     def loss(self, ctx, model, prep):
-        b = _on_device(ctx, prep.batch)
-        lp, mask = answer_logprobs(model, b)
-        nll = _mean_nll(lp, mask)
+        lp, mask, _ = _scored(model, prep)
+        nll = mean_nll(lp, mask)
         return nll, {"train/retain_nll": float(nll.detach())}
 
     def manifest_info(self) -> dict:

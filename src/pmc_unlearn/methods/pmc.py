@@ -36,7 +36,9 @@ import numpy as np
 from pmc_unlearn.sections import opt
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import Example, collate_train, encode_row, fit_length, row_prompt_ids
-from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logits, derive_seed, split_nll
+from pmc_unlearn.lm import score_batch
+from pmc_unlearn.losses import split_nll
+from pmc_unlearn.methods.base import Method, Prepared, RunContext, derive_seed
 from pmc_unlearn.rewards import MINILM_SHA256, REWARDS, minilm, pmc_scores, require_minilm
 from pmc_unlearn.selection import Memory, is_unresolved, select_argmin, select_bradley_terry, update_memory
 
@@ -72,12 +74,19 @@ class PMCConfig:
 class PMC(Method):
     name = "pmc"
     uses_primary_answers = False
+    # logged per optimizer step: counts summed over micro-batches and processes, the score range
+    # over them, the unresolved count as it stands at the end of the step; the rest averaged
+    stat_merge = {"sample/questions_sampled": "sum", "sample/score_min": "min", "sample/score_max": "max",
+                  "sample/unresolved": "last"}
+    progress_stats = ("sample/score_mean", "sample/unresolved")
 
     def __init__(self, cfg: PMCConfig):
         super().__init__(cfg)
         self.references: list[str] | None = None
         self.memory: dict[int, Memory] = {}
+        self.sampler = None  # built in setup from train.sampler (or the one handed to train())
         self._prompts: list[list[int]] = []
+        self._epoch_draw: tuple[dict[str, float], int] | None = None  # resample=epoch: (stats, samples) not yet logged
         self.info: dict = {"reward": cfg.reward}
 
     # ----- state -------------------------------------------------------------------------------
@@ -96,6 +105,10 @@ class PMC(Method):
         return dict(self.info)
 
     def setup(self, ctx: RunContext) -> None:
+        from pmc_unlearn.sampling import SAMPLERS
+
+        self.sampler = ctx.sampler or SAMPLERS[ctx.cfg.train.sampler](ctx.tokenizer, batch_rows=self.cfg.sample_batch_rows,
+                                                                      bf16=ctx.bf16)
         self._prompts = [row_prompt_ids(ctx.tokenizer, r, ctx.fmt) for r in ctx.primary]  # text chunks: their prefixes
         if self.cfg.reward == "semantic":
             minilm()  # load (and checksum) the embedding model now, not at the first sample
@@ -107,11 +120,11 @@ class PMC(Method):
         comps = self._draw(ctx, list(range(len(ctx.primary))), greedy=True, seed=derive_seed(ctx.cfg.train.seed, "ref"))
         self.references = [c[0].text for c in comps]
         empty = sum(1 for r in self.references if not r.strip())
-        cut = sum(c[0].truncated for c in comps) / max(1, len(comps))
+        cut = sum(c[0].hit_limit for c in comps) / max(1, len(comps))
         log.info("PMC references: %d greedy answers, %.0f%% cut at the length limit, %d empty", len(comps), 100 * cut, empty)
         if empty:
             log.warning("%d forget questions have an empty reference answer: they score 0 at once and are never sampled", empty)
-        ctx.extras["reference_truncated_frac"] = cut
+        self.info["reference_truncated_frac"] = cut
 
     def _limit(self, ctx: RunContext, i: int) -> int:
         return max(1, min(self.cfg.max_new_tokens, ctx.fmt.max_length - len(self._prompts[i])))
@@ -123,7 +136,7 @@ class PMC(Method):
             by_limit.setdefault(self._limit(ctx, i), []).append(i)
         out: dict[int, list] = {}
         for lim, group in by_limit.items():
-            res = ctx.sampler.sample(
+            res = self.sampler.sample(
                 ctx.raw_model, [self._prompts[i] for i in group], 1 if greedy else self.cfg.n_samples,
                 temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k, max_new_tokens=lim,
                 seed=seed + lim, greedy=greedy,
@@ -134,10 +147,12 @@ class PMC(Method):
     def on_epoch_start(self, ctx: RunContext, epoch: int) -> None:
         if self.cfg.resample == "epoch":
             mine = list(range(ctx.accelerator.process_index, len(ctx.primary), ctx.accelerator.num_processes))
-            ctx.extras["pmc_epoch_stats"] = self._refresh(ctx, mine, derive_seed(ctx.cfg.train.seed, "epoch", epoch))
+            self._epoch_draw = self._refresh(ctx, mine, derive_seed(ctx.cfg.train.seed, "epoch", epoch))
 
-    def _refresh(self, ctx: RunContext, idx: list[int], seed: int) -> dict[str, float]:
-        """Sample, score and select for the unresolved questions among idx; sync memory across processes."""
+    def _refresh(self, ctx: RunContext, idx: list[int], seed: int) -> tuple[dict[str, float], int]:
+        """Sample, score and select for the unresolved questions among idx; sync memory across processes.
+
+        Returns this process's stats and the number of answers it drew."""
         todo = [i for i in idx if is_unresolved(self.memory.get(i))]
         updates, rows = [], []
         n_drawn = n_cut = 0
@@ -155,25 +170,26 @@ class PMC(Method):
                 kept, replaced = update_memory(self.memory.get(i), pick)
                 updates.append((i, kept.to_json()))
                 n_drawn += len(cands)
-                n_cut += sum(c.truncated for c in cands)
+                n_cut += sum(c.hit_limit for c in cands)
                 for j, (c, s) in enumerate(zip(cands, scores)):
                     rows.append({"step": ctx.step, "epoch": ctx.epoch, "index": i, "sample": j, "text": c.text,
                                  "score": round(s, 6), "chosen": j == k, "kept": j == k and replaced,
-                                 "truncated": c.truncated, "tokens": len(c.ids)})
+                                 "truncated": c.hit_limit, "tokens": len(c.ids)})
         for i, m in ctx.gather(updates):
             self.memory[i] = Memory(**m)
         ctx.write_samples(ctx.gather(rows))
         # Counts are this process's; the loop sums them over micro-batches and processes.
-        stats = {"sample/questions_sampled": float(len(todo)), "sample/samples": float(n_drawn)}
+        stats = {"sample/questions_sampled": float(len(todo))}
         if n_drawn:
             stats["sample/truncated_frac"] = n_cut / n_drawn
-        return stats
+        return stats, n_drawn
 
     def prepare(self, ctx: RunContext, idx: list[int], ridx: list[int]) -> Prepared:
         if self.cfg.resample == "micro_batch":
-            stats = self._refresh(ctx, idx, derive_seed(ctx.cfg.train.seed, "sample", ctx.epoch, ctx.micro, ctx.accelerator.process_index))
-        else:
-            stats = ctx.extras.pop("pmc_epoch_stats", {"sample/questions_sampled": 0.0, "sample/samples": 0.0})
+            stats, drawn = self._refresh(ctx, idx, derive_seed(ctx.cfg.train.seed, "sample", ctx.epoch, ctx.micro, ctx.accelerator.process_index))
+        else:  # the epoch's draw is logged with its first micro-batch
+            stats, drawn = self._epoch_draw or ({"sample/questions_sampled": 0.0}, 0)
+            self._epoch_draw = None
         forget_ex: list[Example] = [fit_length(self._prompts[i], self.memory[i].ids, ctx.fmt.max_length) for i in idx]
         retain_ex = [encode_row(ctx.tokenizer, ctx.retain[j], ctx.fmt) for j in ridx]
         scores = np.array([self.memory[i].score for i in idx])
@@ -185,10 +201,12 @@ class PMC(Method):
             "sample/answer_tokens_mean": float(np.mean([len(e.answer) for e in forget_ex])),
         })
         batch = collate_train(forget_ex + retain_ex, ctx.tokenizer.pad_token_id)
-        return Prepared(batch, len(forget_ex), stats, tokens=sum(len(e.answer) for e in forget_ex + retain_ex))
+        return Prepared(batch, len(forget_ex), stats, tokens=sum(len(e.answer) for e in forget_ex + retain_ex),
+                        samples=drawn)
 
     def loss(self, ctx: RunContext, model, prep: Prepared):
-        collapse, retain = split_nll(*answer_logits(model, prep.batch), prep.n_primary)
+        s = score_batch(model, prep.batch)
+        collapse, retain = split_nll(s.logprobs, s.mask, prep.n_primary)
         loss = collapse if retain is None else collapse + self.cfg.retain_weight * retain
         logs = {"train/collapse_nll": float(collapse.detach())}
         if retain is not None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pmc_unlearn.formatting import collate_train, encode_row
-from pmc_unlearn.methods.base import Method, Prepared, RunContext, answer_logits, split_nll
+from pmc_unlearn.lm import score_batch
+from pmc_unlearn.losses import split_nll
+from pmc_unlearn.methods.base import Method, Prepared, RunContext
 from pmc_unlearn.sections import opt
 
 
@@ -39,6 +41,7 @@ class SFT(Method):
                         tokens=sum(len(e.answer) for e in ex))
 
     def loss(self, ctx, model, prep):
-        nll, _ = split_nll(*answer_logits(model, prep.batch), prep.n_primary)
+        s = score_batch(model, prep.batch)
+        nll, _ = split_nll(s.logprobs, s.mask, prep.n_primary)
         return nll, {"train/nll": float(nll.detach())}
 

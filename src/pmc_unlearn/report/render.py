@@ -100,11 +100,13 @@ def headline(data: ReportData) -> Section:
         "Training time is the fine-tuning or unlearning run's wall time; evaluation time is separate. "
         "Brackets: 95% bootstrap intervals over the evaluated questions (where the evaluation wrote them); "
         "forget quality is a p-value and has none.")
-    header = ["Model", "Role", "Method", *[t for _, t, _ in HEADLINE], "Train time", "Eval time"]
+    # TOFU columns no model has (a MUSE-News-only report) are left out rather than shown as dashes
+    cols = [c for c in HEADLINE if any(m.metric(c[0]) is not None for m in data.models)]
+    header = ["Model", "Role", "Method", *[t for _, t, _ in cols], "Train time", "Eval time"]
     rows, hl = [], []
     for m in data.models:
         rows.append([m.label + (" ★" if m.is_pmc else ""), m.role, m.method or "—",
-                     *[with_ci(m, k, f) for k, _, f in HEADLINE], fmt(m.train_time_s, "s"), fmt(m.eval_time_s, "s")])
+                     *[with_ci(m, k, f) for k, _, f in cols], fmt(m.train_time_s, "s"), fmt(m.eval_time_s, "s")])
         hl.append(m.is_pmc)
     sec.blocks.append(Table(header, rows, hl))
     # did the target learn the facts? (the demo's sanity check) Against the base model, or, where
@@ -375,7 +377,8 @@ def settings_section(data: ReportData) -> Section:
 
 def build_sections(data: ReportData, plots, examples: int = 3) -> list[Section]:
     muse = muse_section(data)
-    secs = [headline(data), *([muse] if muse else []), tradeoff_section(data, plots), curves_section(data, plots), answers_section(data, examples),
+    tofu = any(m.metric("unlearn_quality") is not None or m.metric("forget_quality") is not None for m in data.models)
+    secs = [headline(data), *([muse] if muse else []), *([tradeoff_section(data, plots)] if tofu or not muse else []), curves_section(data, plots), answers_section(data, examples),
             attacks_section(data)]
     for extra in (cost_section(data), stages_section(data)):
         if extra:

@@ -68,7 +68,7 @@ def _top_k_candidates(logits: torch.Tensor, k: int, temperature: float):
         k2 = min(V, 2 * k2)
 
 
-def _order_candidates(vals: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor):
+def order_candidates(vals: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor):
     """Sort candidates by (score descending, token id ascending); invalid ones go last."""
     vals = vals.masked_fill(~valid, float("-inf"))
     by_id = torch.argsort(idx, dim=-1)
@@ -78,7 +78,7 @@ def _order_candidates(vals: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor
     return vals.gather(-1, order), idx.gather(-1, order)
 
 
-def _nucleus_keep(vals_desc: torch.Tensor, top_p: float, tail_mass: torch.Tensor | None) -> torch.Tensor:
+def nucleus_keep(vals_desc: torch.Tensor, top_p: float, tail_mass: torch.Tensor | None) -> torch.Tensor:
     """TopPLogitsWarper's rule on candidates sorted descending: keep mask [R, K].
 
     `tail_mass` [R, 1] is the probability outside the candidates (top_k off), else None: the
@@ -106,10 +106,10 @@ def top_k_top_p_candidates(logits: torch.Tensor, top_k: int = 0, top_p: float = 
     R, V = logits.shape
     if top_k and top_k > 0 and top_k < V:
         vals, idx, valid = _top_k_candidates(logits, top_k, temperature)
-        vals, idx = _order_candidates(vals, idx, valid)
+        vals, idx = order_candidates(vals, idx, valid)
         if top_p >= 1.0:
             return vals, idx, torch.isfinite(vals)
-        return vals, idx, _nucleus_keep(vals, top_p, None)
+        return vals, idx, nucleus_keep(vals, top_p, None)
     scores = temperature_scale(logits, temperature)
     if top_p >= 1.0:
         vals, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
@@ -129,10 +129,10 @@ def top_k_top_p_candidates(logits: torch.Tensor, top_k: int = 0, top_p: float = 
             break
         k = min(V, k * 4)
     valid = torch.ones_like(vals, dtype=torch.bool)
-    vals, idx = _order_candidates(vals, idx, valid)
+    vals, idx = order_candidates(vals, idx, valid)
     lp = vals - logz
     tail = (1 - lp.exp().sum(-1, keepdim=True)).clamp(min=0) if k < V else torch.zeros_like(logz)
-    return vals, idx, _nucleus_keep(lp, top_p, tail)
+    return vals, idx, nucleus_keep(lp, top_p, tail)
 
 
 def draw(vals: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
