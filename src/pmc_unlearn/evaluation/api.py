@@ -111,6 +111,7 @@ def evaluate(
     device: str | None = None,
     bootstrap: int = 1000,
     convention: str = M.DEFAULT_CONVENTION,
+    suite: list[C.SplitSpec] | None = None,
 ) -> dict:
     """Evaluate a model (alias, folder, hub id, or a `models.LoadedModel`) on TOFU; returns summary.json's dict.
 
@@ -119,6 +120,8 @@ def evaluate(
     the retain model); with False, forget_quality and privleak are null and a note says why.
     `convention` (open-unlearning or pmc-unlearn, docs/metrics.md) chooses the metric definitions;
     the records hold what both need, so the cache serves both, and summary.json says which was used.
+    `suite`: the splits to evaluate, when not `collect.tofu_suite(forget_split, retain_sample, max_examples)`
+    (e.g. that suite with its forget split cut to some rows; items keep their index in the split).
     """
     # 1. validate everything before any work
     if convention not in C.scores.CONVENTIONS:
@@ -132,7 +135,7 @@ def evaluate(
         raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    specs = C.tofu_suite(forget_split, retain_sample, max_examples)
+    specs = list(suite) if suite is not None else C.tofu_suite(forget_split, retain_sample, max_examples)
     forget_items = next(s for s in specs if s.name == M.FORGET).items
     reference = None
     if retain_records is not None:
