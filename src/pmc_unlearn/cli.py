@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("pmc_unlearn.commands.finetune", "fine-tune a model on QA data (TOFU target/retain models)"),
     "eval": ("pmc_unlearn.evaluation.cli", "evaluate a model on TOFU (both metric families)"),
     "sweep": ("pmc_unlearn.commands.sweep", "run a grid of unlearn + eval points (resumable) and plot Pareto fronts"),
+    "sequence": ("pmc_unlearn.commands.sequence", "unlearning requests one after another, evaluated after each (resumable)"),
     "demo": ("pmc_unlearn.commands.demo", "the whole story on a small model: fine-tune, unlearn (PMC, baselines), evaluate, report"),
     "report": ("pmc_unlearn.commands.report", "an HTML + Markdown report comparing runs, evaluations or demo folders"),
     "attack": ("pmc_unlearn.attacks.cli", "attack a model: does forgotten knowledge leak (sampling, prefill, relearning, ...)"),

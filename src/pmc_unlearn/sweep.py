@@ -42,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,10 +259,16 @@ def parse_sweep(raw: Any, source: Path) -> tuple[list[tuple[str, dict[str, Any],
     return specs, base, ev
 
 
+def read_config_file(path: str | Path) -> tuple[Path, Any]:
+    """(the file's path, its YAML content): a missing or unreadable --config file is a UserError."""
+    p = Path(path).expanduser()
+    return p, load_yaml(p)
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read the sweep file and validate every point (config, data, model) and the eval settings."""
-    p = Path(path).expanduser()
-    specs, base, ev_raw = parse_sweep(load_yaml(p), p)
+    p, raw = read_config_file(path)
+    specs, base, ev_raw = parse_sweep(raw, p)
     ev = build_section(EvalSettings, "eval", ev_raw)
 
     points: list[Point] = []
@@ -400,6 +407,52 @@ def _with_labels(line: str, labels: dict[str, str]) -> str:
     return f"{head} ({labels[pid]}){sep}{rest}" if pid in labels else line
 
 
+def train_or_resume(cfg: RunConfig, run_dir: Path, command: list[str], what: str) -> dict:
+    """Train `cfg` into `run_dir`: fresh, resumed from its last checkpoint after a crash, or not at all
+    when its manifest says completed or diverged. Returns the run's manifest ({} when none was written);
+    TrainingDiverged passes through."""
+    man = _read_json(run_dir / "manifest.json")
+    status = man.get("status") if man else None
+    if status in ("completed", "diverged"):
+        return man
+    resume = status is not None
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)  # no manifest: nothing written worth keeping
+    log.info("%s: %s", what, "resuming its run" if resume else "training")
+    from pmc_unlearn.trainer import train
+
+    try:
+        train(cfg, run_dir, resume=resume, command=command)
+    finally:
+        _free_memory()
+    return _read_json(run_dir / "manifest.json") or {}
+
+
+def evaluate_run(model: str, forget_split: str, eval_dir: Path, ev: EvalSettings, settings_file: Path,
+                 suite: list | None = None, default_fmt=None) -> tuple[dict, float]:
+    """Evaluate `model` into `eval_dir` under the settings `ev`; returns (summary, seconds).
+
+    Resumes from the records already there; settings other than the ones `settings_file` holds
+    start over. The prompt format is the one saved with the model, else `default_fmt` (else the
+    evaluation's). `suite`: the splits to run (default: evaluate's own, from `ev`).
+    """
+    settings = dataclasses.asdict(ev)
+    overwrite = _read_json(settings_file) not in (None, settings)
+    write_json_atomic(settings_file, settings)
+    from pmc_unlearn.evaluation.api import evaluate
+
+    t = time.perf_counter()
+    try:
+        summary = evaluate(model, forget_split, eval_dir, retain_records=ev.retain_records,
+                           require_forget_quality=bool(ev.retain_records), max_examples=ev.max_examples or None,
+                           batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, dtype=ev.dtype,
+                           retain_sample=ev.retain_sample, overwrite=overwrite, progress=False,
+                           convention=ev.convention, specs=suite, default_fmt=default_fmt)
+    finally:
+        _free_memory()
+    return summary, round(time.perf_counter() - t, 3)
+
+
 def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
     """Train (or resume) and evaluate one point; returns its point.json record."""
     pdir = out / "points" / pt.id
@@ -412,21 +465,11 @@ def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
                               "run_dir": str(run_dir.relative_to(out)), "eval_dir": str(eval_dir.relative_to(out))}
 
     # 1. train: fresh, resumed after a crash, or already done
-    man = _read_json(run_dir / "manifest.json")
-    status = man.get("status") if man else None
-    if status not in ("completed", "diverged"):
-        resume = status is not None
-        if not resume and run_dir.exists():
-            shutil.rmtree(run_dir)  # no manifest: nothing written worth keeping
-        log.info("point %s (%s): %s", pt.id, pt.label, "resuming its run" if resume else "training")
-        from pmc_unlearn.trainer import train
-
-        try:
-            train(pt.cfg, run_dir, resume=resume, command=["pmc-unlearn", "sweep", str(sweep.source), pt.id])
-        except TrainingDiverged as e:
-            log.warning("point %s (%s) diverged: %s", pt.id, pt.label, e)
-        finally:
-            _free_memory()
+    try:
+        man = train_or_resume(pt.cfg, run_dir, ["pmc-unlearn", "sweep", str(sweep.source), pt.id],
+                              f"point {pt.id} ({pt.label})")
+    except TrainingDiverged as e:
+        log.warning("point %s (%s) diverged: %s", pt.id, pt.label, e)
         man = _read_json(run_dir / "manifest.json") or {}
     phases = man.get("phases_s", {})
     record["train"] = {"status": man.get("status"), "train_s": phases.get("train"), "wall_time_s": man.get("wall_time_s"),
@@ -439,21 +482,8 @@ def run_point(sweep: Sweep, pt: Point, out: Path) -> dict:
         return record
 
     # 2. evaluate (resumes from its records; new settings start over)
-    settings_file = pdir / "eval_settings.json"
-    overwrite = _read_json(settings_file) not in (None, sweep.eval_dict)
-    write_json_atomic(settings_file, sweep.eval_dict)
-    from pmc_unlearn.evaluation.api import evaluate
-    ev = sweep.eval
-    t = time.perf_counter()
-    try:
-        summary = evaluate(str(run_dir / "model"), pt.forget_split, eval_dir, retain_records=ev.retain_records,
-                           require_forget_quality=bool(ev.retain_records), max_examples=ev.max_examples or None,
-                           batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, dtype=ev.dtype,
-                           retain_sample=ev.retain_sample, overwrite=overwrite, progress=False,
-                           convention=ev.convention)
-    finally:
-        _free_memory()
-    record.update(status="done", eval_s=round(time.perf_counter() - t, 3), summary=_numeric(summary))
+    summary, eval_s = evaluate_run(str(run_dir / "model"), pt.forget_split, eval_dir, sweep.eval, pdir / "eval_settings.json")
+    record.update(status="done", eval_s=eval_s, summary=_numeric(summary))
     write_json_atomic(done, record)
     log.info("point %s (%s): UQ=%s U=%s FQ=%s MU=%s", pt.id, pt.label, *(summary.get(k) for k in
              ("unlearn_quality", "utility", "forget_quality", "model_utility")))
@@ -533,15 +563,30 @@ def run_workers(sweep: Sweep, out: Path, devices: list[str]) -> None:
                            f"Last lines of worker {failed[0]}: " + " | ".join(tail))
 
 
-def check_output(out: Path) -> None:
-    """A sweep folder is new, empty, or an earlier sweep's (which is then resumed); never someone else's."""
-    pipeline.check_owned(out, owns(out), f"--output {out}: folder is not empty and holds no {SWEEP_COPY} of an earlier "
-                                         "sweep; choose a new folder (a sweep writes only into folders it created)")
+def check_output(out: Path, marker: str = SWEEP_MARKER, copy: str = SWEEP_COPY, what: str = "sweep") -> None:
+    """A sweep folder (or another command's, named by its marker and config copy) is new, empty, or
+    an earlier run's of that command (which is then resumed); never someone else's."""
+    pipeline.check_owned(out, owns(out, marker, copy), f"--output {out}: folder is not empty and holds no {copy} of an "
+                                                       f"earlier {what}; choose a new folder (a {what} writes only into "
+                                                       "folders it created)")
 
 
-def owns(out: Path) -> bool:
-    """The sweep created this folder (its marker), or an earlier version did (sweep.yaml and points/)."""
-    return (out / SWEEP_MARKER).is_file() or ((out / SWEEP_COPY).is_file() and (out / "points").is_dir())
+def owns(out: Path, marker: str = SWEEP_MARKER, copy: str = SWEEP_COPY) -> bool:
+    """The command created this folder (its marker), or an earlier version did (the config copy and points/)."""
+    return (out / marker).is_file() or ((out / copy).is_file() and (out / "points").is_dir())
+
+
+@contextmanager
+def owned_folder(out: Path, marker: str = SWEEP_MARKER, copy: str = SWEEP_COPY, what: str = "sweep"):
+    """Check `out` (check_output), create it, hold its lock and leave the marker: the body writes into a
+    folder its command owns. Rerunning the command there resumes."""
+    from pmc_unlearn import rundir
+
+    check_output(out, marker, copy, what)
+    rundir.make_folder(out)
+    with rundir.OutputLock(out):
+        pipeline.claim(out, marker, f"pmc-unlearn {what} folder: rerunning the {what} here resumes it\n")
+        yield
 
 
 def run_sweep(sweep: Sweep, out: Path, devices: list[str] | None = None, worker: tuple[int, int] | None = None) -> list[dict]:
@@ -551,12 +596,7 @@ def run_sweep(sweep: Sweep, out: Path, devices: list[str] | None = None, worker:
         k, n = worker
         run_points(sweep, sweep.points[k::n], out)
         return []
-    from pmc_unlearn import rundir
-
-    check_output(out)
-    rundir.make_folder(out)
-    with rundir.OutputLock(out):
-        pipeline.claim(out, SWEEP_MARKER, "pmc-unlearn sweep folder: rerunning the sweep here resumes it\n")
+    with owned_folder(out):
         return _run_sweep(sweep, out, devices)
 
 

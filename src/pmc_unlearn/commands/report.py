@@ -1,7 +1,8 @@
 """`pmc-unlearn report RUN_DIR [RUN_DIR ...] --output FILE`: one HTML report (and report.md) from any runs.
 
-Accepts demo folders, training run folders (manifest.json / log.jsonl / model/) and evaluation
-folders (summary.json / records.jsonl), in any mix; see pmc_unlearn.report.gather.
+Accepts demo folders, sequence folders (sequence.jsonl), training run folders (manifest.json /
+log.jsonl / model/) and evaluation folders (summary.json / records.jsonl), in any mix; see
+pmc_unlearn.report.gather.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="demo folder, run folder (unlearn/finetune output) or evaluation folder (eval output)")
+                   help="demo folder, sequence folder, run folder (unlearn/finetune output) or evaluation folder (eval output)")
     p.add_argument("--output", default="report.html", help="the HTML file to write (report.md goes beside it)")
     p.add_argument("--examples", type=int, default=None, help="forget and retain questions shown side by side (default 3)")
     p.add_argument("--title", default="Unlearning report", help="the report's title")

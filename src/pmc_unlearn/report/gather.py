@@ -5,6 +5,8 @@ Accepted inputs (any mix, any number):
 - a training run folder (`manifest.json`, `log.jsonl`, `config.yaml`, `model/`), optionally holding an
   evaluation (a subfolder with `summary.json`) or `attacks.json`;
 - an evaluation folder (`summary.json`, `records.jsonl`) from `pmc-unlearn eval`;
+- a sequence folder (`sequence.jsonl`, `pmc-unlearn sequence`): every request's model, and the
+  sequence's lines for the "Sequential requests" section;
 - a folder of such folders (one level down).
 Evaluations given separately are paired with runs by model fingerprint, else by the model path
 the evaluation names (`summary.json`'s `model_name`).
@@ -80,6 +82,7 @@ class ModelResult:
 class ReportData:
     models: list[ModelResult]
     demos: list[dict[str, Any]] = field(default_factory=list)  # demo.json contents, with "_path"
+    sequences: list[dict[str, Any]] = field(default_factory=list)  # {"_path", "lines": sequence.jsonl's lines}
     sources: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -177,27 +180,59 @@ def read_demo(root: Path) -> tuple[dict[str, Any], list[ModelResult]]:
     return demo, models
 
 
+# ----------------------------------------------------------------------------- a sequence folder
+
+def read_sequence(root: Path) -> tuple[dict[str, Any], list[ModelResult]]:
+    """sequence.jsonl's lines, and a model per request (request-0 being the starting model) plus the
+    retain model when the sequence evaluated one."""
+    from pmc_unlearn.sequence import SEQUENCE_FILE
+
+    lines = read_jsonl_dicts(root / SEQUENCE_FILE)
+    models = []
+    for line in lines:
+        k = line.get("request")
+        m = ModelResult(label=f"request-{k}", source=str(root))
+        if line.get("run_dir") and is_run_dir(root / line["run_dir"]):
+            read_run(root / line["run_dir"], m)
+        if line.get("eval_dir") and is_eval_dir(root / line["eval_dir"]):
+            read_eval(root / line["eval_dir"], m)
+        if m.run_dir is None and m.eval_dir is None:
+            continue
+        m.role = "target" if k == 0 else _role_of_method(m.method)
+        models.append(m)
+    if is_eval_dir(root / "retain" / "eval"):
+        m = ModelResult(label="retain", role="retain", source=str(root))
+        read_eval(root / "retain" / "eval", m)
+        models.append(m)
+    return {"_path": str(root), "lines": lines}, models
+
+
 # ----------------------------------------------------------------------------- any folders
 
-def _collect(path: Path, depth: int = 0) -> tuple[list[Path], list[Path], list[Path]]:
-    """(demo folders, run folders, eval folders) at or one level below `path`."""
+def _collect(path: Path, depth: int = 0) -> tuple[list[Path], list[Path], list[Path], list[Path]]:
+    """(demo folders, run folders, eval folders, sequence folders) at or one level below `path`."""
+    from pmc_unlearn.sequence import SEQUENCE_FILE
+
     if (path / "demo.json").exists():
-        return [path], [], []
-    demos, runs, evals = [], [], []
+        return [path], [], [], []
+    if (path / SEQUENCE_FILE).exists():
+        return [], [], [], [path]
+    demos, runs, evals, seqs = [], [], [], []
     if is_run_dir(path):
         runs.append(path)
-        return demos, runs, evals
+        return demos, runs, evals, seqs
     if is_eval_dir(path):
         evals.append(path)
-        return demos, runs, evals
+        return demos, runs, evals, seqs
     if depth == 0 and path.is_dir():
         for c in sorted(path.iterdir()):
             if c.is_dir():
-                d, r, e = _collect(c, 1)
+                d, r, e, q = _collect(c, 1)
                 demos += d
                 runs += r
                 evals += e
-    return demos, runs, evals
+                seqs += q
+    return demos, runs, evals, seqs
 
 
 def _resolved(p: str | Path | None) -> str | None:
@@ -220,14 +255,18 @@ def gather(paths: list[str | Path]) -> ReportData:
             raise UserError(f"report: {raw} does not exist; pass run folders, evaluation folders or a demo folder")
         if not p.is_dir():
             raise UserError(f"report: {raw} is a file; pass the folder that holds it")
-        d, r, e = _collect(p)
-        if not (d or r or e):
+        d, r, e, q = _collect(p)
+        if not (d or r or e or q):
             raise UserError(f"report: {raw} holds no run (manifest.json, log.jsonl, model/), no evaluation "
-                            "(summary.json) and no demo (demo.json)")
+                            "(summary.json), no demo (demo.json) and no sequence (sequence.jsonl)")
         data.sources.append(str(p))
         for root in d:
             demo, models = read_demo(root)
             data.demos.append(demo)
+            data.models += models
+        for root in q:
+            seq, models = read_sequence(root)
+            data.sequences.append(seq)
             data.models += models
         runs += r
         evals += e

@@ -152,3 +152,13 @@ def baseline_losses(runs: list[ModelResult]) -> bytes | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)
+
+
+def sequence_curves(lines: list[dict[str, Any]]) -> bytes | None:
+    """The figure of `pmc-unlearn sequence` (utility and forget ROUGE-L after each request) from its lines."""
+    if not lines:
+        return None
+    _plt()
+    from pmc_unlearn.sequence import sequence_figure
+
+    return _png(sequence_figure(lines))

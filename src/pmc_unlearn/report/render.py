@@ -175,6 +175,32 @@ def tradeoff_section(data: ReportData, plots) -> Section:
     return sec
 
 
+def sequence_section(data: ReportData, plots) -> Section | None:
+    """Sequence folders (`pmc-unlearn sequence`): utility and forgetting after each request, figure and table."""
+    if not data.sequences:
+        return None
+    from pmc_unlearn.sequence import table
+
+    sec = Section("sequence", "Sequential requests")
+    sec.intro.append(
+        "Unlearning requests one after another, each starting from the model the previous one produced; request 0 is "
+        "the starting model. In the figure (x: requests unlearned) the black line is utility U; each request's forget "
+        "ROUGE-L recall (x 100) is dotted while it waits and solid from the step before its turn, so the solid segment "
+        "into step j is request j's own unlearning, a drop on the dotted part is forgetting spilling over from earlier "
+        "requests, and a rise after its turn is knowledge coming back; "
+        "the red line covers every request unlearned so far. Lower ROUGE-L is more forgotten. "
+        "UQ, U, FQ and MU are the evaluation's own (its forget split may hold requests not unlearned yet).")
+    for i, seq in enumerate(data.sequences):
+        if len(data.sequences) > 1:
+            sec.blocks.append(("h3", f"Sequence {seq['_path']}"))
+        png = plots.sequence_curves(seq["lines"])
+        if png:
+            sec.blocks.append(Image(f"sequence_{i}", png, "utility and forget ROUGE-L after each request"))
+        header, rows = table(seq["lines"])
+        sec.blocks.append(Table(header, rows))
+    return sec
+
+
 def curves_section(data: ReportData, plots) -> Section:
     sec = Section("curves", "PMC training curves")
     pmc = [m for m in data.models if m.is_pmc]
@@ -378,8 +404,9 @@ def settings_section(data: ReportData) -> Section:
 def build_sections(data: ReportData, plots, examples: int = 3) -> list[Section]:
     muse = muse_section(data)
     tofu = any(m.metric("unlearn_quality") is not None or m.metric("forget_quality") is not None for m in data.models)
-    secs = [headline(data), *([muse] if muse else []), *([tradeoff_section(data, plots)] if tofu or not muse else []), curves_section(data, plots), answers_section(data, examples),
-            attacks_section(data)]
+    seq = sequence_section(data, plots)
+    secs = [headline(data), *([muse] if muse else []), *([tradeoff_section(data, plots)] if tofu or not muse else []),
+            *([seq] if seq else []), curves_section(data, plots), answers_section(data, examples), attacks_section(data)]
     for extra in (cost_section(data), stages_section(data)):
         if extra:
             secs.append(extra)
