@@ -34,6 +34,16 @@ log = logging.getLogger(__name__)
 
 AUTO = "auto"
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def check_run_args(batch_size: int, max_new_tokens: int, dtype: str) -> None:
+    """The arguments every evaluation and attack run takes: a UserError naming the bad flag."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if dtype not in WEIGHT_DTYPES:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(WEIGHT_DTYPES)}")
 _BF16_WORDS = {"bfloat16", "bf16", True}
 _FP32_WORDS = {"float32", "fp32", False}
 

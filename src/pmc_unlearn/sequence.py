@@ -265,8 +265,7 @@ def load_sequence(path: str | Path) -> SequencePlan:
     if "forget" in (base.get("data") or {}):
         raise UserError("sequence base.data.forget: the requests are the forget sets; drop it")
     method = raw.get("method", "pmc")
-    from pmc_unlearn.config import METHOD_CONFIGS
-    from pmc_unlearn.methods import METHODS
+    from pmc_unlearn.methods import METHOD_CONFIGS, METHODS
 
     if not isinstance(method, str) or method not in METHOD_CONFIGS or method == "sft":
         raise UserError(f"sequence method: unknown unlearning method {method!r}; choose one of "

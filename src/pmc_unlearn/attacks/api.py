@@ -21,7 +21,7 @@ from typing import Any
 from pmc_unlearn.errors import UserError
 from pmc_unlearn.formatting import PromptFormat
 from pmc_unlearn.pipeline import Stage, digest, run_stages
-from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, default_device, resolve_dtype
+from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, check_run_args, default_device, resolve_dtype
 from pmc_unlearn.provenance import git_hash, json_safe, version_fields, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -147,12 +147,7 @@ def run_attacks(
         raise UserError(f"--forget-split {forget_split}: choose one of {', '.join(FORGET_SPLITS)}")
     if max_examples is not None and max_examples < 1:
         raise UserError(f"--max-examples {max_examples}: must be at least 1 (or left out for every example)")
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    check_run_args(batch_size, max_new_tokens, dtype)
     objs = build_settings(names, settings)
     if output_dir is None:
         raise UserError("--output DIR is required (attacks.json and the relearning runs go there)")

@@ -22,7 +22,7 @@ from pmc_unlearn.evaluation.suite import (
     RNG400_SEED, RNG400_SIZE, GenSettings, holdout_for, prompt_format_for, retain_for, tofu_suite,
 )
 from pmc_unlearn.formatting import PromptFormat
-from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, default_device, resolve_dtype
+from pmc_unlearn.precision import WEIGHT_DTYPES, Precision, check_run_args, default_device, resolve_dtype
 from pmc_unlearn.provenance import barrier, git_hash, json_safe, launched_processes, rank_world, version_fields
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,7 @@ def evaluate(
     fmt = prompt_format_for(model, fmt, default=default_fmt)
     if bootstrap < 0:
         raise UserError(f"--bootstrap {bootstrap}: give 0 (no intervals) or a number of resamples such as 1000")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    check_run_args(batch_size, max_new_tokens, dtype)
     specs = specs if specs is not None else tofu_suite(forget_split, retain_sample, max_examples)
     if self_reference and (retain_records is not None or output_dir is None):
         raise ValueError("self_reference: the model's own records are the reference; give output_dir, no retain_records")
