@@ -265,3 +265,14 @@ def test_cuda_graph_replay_equals_the_eager_step(tiny, prompts):
     assert graph == eager
     greedy = engine_ids(StaticEngine("graph"), model, tok, prompts, 1, max_new=12, greedy=True)
     assert [g[0] for g in greedy] == [hf_greedy(model, tok, p, 12) for p in prompts]
+
+
+def test_compiled_output_check_hand_worked():
+    from pmc_unlearn.sampling.static import compiled_matches, relative_error
+
+    b = torch.tensor([3.0, 4.0])  # norm 5
+    assert relative_error(torch.tensor([3.0, 4.05]), b) == pytest.approx(0.01, rel=1e-4)
+    assert compiled_matches(torch.tensor([3.0, 4.05]), b)  # 1% < 2%
+    assert not compiled_matches(torch.tensor([3.0, 0.0]), b)  # 80%: the zeros a bad compile returned
+    assert not compiled_matches(torch.tensor([3.0, float("nan")]), b)
+    assert not compiled_matches(torch.tensor([3.0, 4.0, 0.0]), b)

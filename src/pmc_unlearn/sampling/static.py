@@ -276,6 +276,19 @@ class _State:
         return self.kp[0].shape[0]
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float32 (0 when both are zero)."""
+    a, b = a.float(), b.float()
+    denom = float(b.norm())
+    return float((a - b).norm()) / denom if denom > 0 else float((a - b).norm())
+
+
+def compiled_matches(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-2) -> bool:
+    """A compiled step's output agrees with the eager one: same shape, finite, relative error below tol
+    (bf16 rounding differs between the two paths by well under 1%)."""
+    return a.shape == b.shape and bool(torch.isfinite(a).all()) and relative_error(a, b) < tol
+
+
 class StaticEngine:
     """Static-shape decode (module doc) for one Llama-like model; built by `FastSampler` when asked.
 
@@ -295,6 +308,7 @@ class StaticEngine:
         self._layer_fn = None  # compiled layer step, or None for eager
         self._compile_failed = False
         self._compile_ok = False
+        self._checks_left = 64  # compiled layer calls checked against eager (a few decode steps' worth)
         self._mode_now = "eager"
         self._graphs: dict = {}  # CUDA graphs of the current state, by span
         self._cuda_warm = False
@@ -339,6 +353,17 @@ class StaticEngine:
             log.info("static decode: torch.compile failed (%s: %s); decoding eagerly", type(e).__name__,
                      str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
             return self._layer(*args)
+        if self._checks_left > 0:
+            # The first compiled calls are checked against the eager step (same inputs; the eager call
+            # rewrites the same K/V slot): inductor code built for a restricted instruction set
+            # (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU) returned wrong values here once, silently.
+            self._checks_left -= 1
+            ref = self._layer(*args)
+            if not compiled_matches(out, ref):
+                self._compile_failed = True
+                log.warning("static decode: the compiled layer step disagrees with the eager one (relative error "
+                            "%.3g); decoding eagerly", relative_error(out, ref))
+                return ref
         self._compile_ok = True
         return out
 
