@@ -146,6 +146,7 @@ def run_simple(spec: dict) -> dict:
     from pmc_unlearn.formatting import IGNORE, PromptFormat, answer_ids, prompt_ids
     from pmc_unlearn.methods.base import derive_seed
     from pmc_unlearn.models import load_model
+    from pmc_unlearn.precision import resolve_dtype
     from pmc_unlearn.rewards import pmc_scores
     from pmc_unlearn.trainer import param_groups, shard_indices
 
@@ -153,7 +154,8 @@ def run_simple(spec: dict) -> dict:
     p = cfg.method_cfg
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    lm = load_model(cfg.model.name, cfg.model.dtype, seed=0)
+    weights = resolve_dtype(cfg.model.dtype, "cpu", "model.dtype", training=True)  # auto: float32 master weights
+    lm = load_model(cfg.model.name, weights.dtype, seed=0)
     model, tok = lm.model, lm.tokenizer
     fmt = PromptFormat(max_length=200)
     forget = load_qa("tofu:forget01", require_answers=False, role="forget")[: spec["questions"]]
