@@ -276,3 +276,35 @@ def test_compiled_output_check_hand_worked():
     assert not compiled_matches(torch.tensor([3.0, 0.0]), b)  # 80%: the zeros a bad compile returned
     assert not compiled_matches(torch.tensor([3.0, float("nan")]), b)
     assert not compiled_matches(torch.tensor([3.0, 4.0, 0.0]), b)
+
+
+def test_train_sampler_static_runs_pmc_on_the_static_engine(tmp_path, monkeypatch):
+    """`train.sampler=static` reaches the engine from a config: PMC's references and samples go through it."""
+    from conftest import FAST
+    from pmc_unlearn.config import load_config
+    from pmc_unlearn.sampling import SAMPLERS, StaticSampler
+    from pmc_unlearn.trainer import train
+
+    assert SAMPLERS["static"] is StaticSampler and StaticSampler.__mro__[1] is FastSampler
+    decoded = []
+    real = StaticEngine.decode
+
+    def counting(self, model, prompts, *a, **kw):
+        decoded.append(len(prompts))
+        return real(self, model, prompts, *a, **kw)
+
+    monkeypatch.setattr(StaticEngine, "decode", counting)
+    cfg = load_config(None, ["model.name=tiny-random", "data.forget=tofu:forget01", "data.retain=tofu:retain99", *FAST,
+                             "train.epochs=1", "train.save_every=-1", "train.sampler=static"], method="pmc")
+    man = train(cfg, tmp_path / "run")
+    assert man["steps"] == 2
+    assert decoded and decoded[0] == 6  # the 6 references first, then each micro-batch's unresolved questions
+    assert sum(decoded) > 6
+
+
+def test_static_sampler_keeps_other_options(tokenizer):
+    from pmc_unlearn.sampling import StaticSampler
+
+    s = StaticSampler(tokenizer, batch_rows=32, bf16=True)
+    assert s.engine == "static" and s.batch_rows == 32 and s.bf16
+    assert StaticSampler(tokenizer, engine="auto").engine == "auto"

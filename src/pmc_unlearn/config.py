@@ -79,7 +79,8 @@ class TrainConfig:
                             "100x slower) runs and warns", auto=True)
     max_time_s: float = opt(0.0, "stop after this much training wall time in seconds (0: no limit); the learning rate then decays over the time or the steps, whichever ends first; e.g. retain_ft for the same time as a PMC run", min=0.0)
     sampler: str = opt("fast", "sampling backend: fast (our decode loop: prefill once per prompt, no full-vocab sort), "
-                        "hf (plain transformers generate), vllm (optional extra)", choices=("fast", "hf", "vllm"))
+                        "static (fast on a static KV cache shared by a prompt's samples, a CUDA graph on GPU; Llama-like models), "
+                        "hf (plain transformers generate), vllm (optional extra)", choices=("fast", "static", "hf", "vllm"))
     seed: int = opt(0, "seed for data order, retain draws and sampling (all derived deterministically)")
     save_every: int = opt(0, "checkpoint every N optimizer steps (0: at the end of every epoch; -1: never, "
                              "for runs of a minute or two: a crash restarts the run)", min=-1)

@@ -319,3 +319,16 @@ class FastSampler:
     def _can_drop(cache) -> bool:
         return all(hasattr(layer, "batch_select_indices") for layer in cache.layers)
 
+
+
+class StaticSampler(FastSampler):
+    """`train.sampler=static`: `FastSampler` with `engine="static"` (`sampling.static.StaticEngine`).
+
+    The same interface, tokens and seeds as `fast`; the step runs on a static KV cache with each
+    prompt's KV shared by its samples (a CUDA graph on GPU). Models that are not Llama-like fall
+    back to the eager loop with one log line.
+    """
+
+    def __init__(self, tokenizer, **kw):
+        kw.setdefault("engine", "static")
+        super().__init__(tokenizer, **kw)
