@@ -9,7 +9,9 @@ across the sweeps given) are averaged, with a 95% t-interval
 over the seeds; a setting run once gets the 95% bootstrap interval over questions that its
 evaluation wrote (`<key>_ci`; docs/metrics.md), drawn as its half-width (the larger side). The
 starting models (`--start NAME=EVAL_FOLDER`) are drawn as their own points. Writes
-OUTPUT.png/.svg (both metric families, plots.save_pareto) and OUTPUT.md (the table).
+OUTPUT.png/.svg (both metric families, plots.save_pareto) and OUTPUT.md: the table, each method's
+front in (unlearn quality, utility) and, for every point on the front of `--focus` (pmc), the
+other methods' points that dominate it (higher or equal on both axes, means).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pmc_unlearn.plots import mean_interval, save_pareto
+from pmc_unlearn.plots import mean_interval, pareto_front, save_pareto
 
 KEYS = ("unlearn_quality", "utility", "forget_quality", "model_utility")
 
@@ -108,18 +110,55 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short(label: str) -> str:
+    """The setting's label without its sweep name."""
+    return label.split(": ", 1)[-1]
+
+
+def fronts(rows: list[dict], x: str = "unlearn_quality", y: str = "utility") -> dict[str, list[dict]]:
+    """Each method's non-dominated rows in (x, y), sorted by x (starting models excluded)."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["method"] != "base" and r.get(x) is not None and r.get(y) is not None:
+            by.setdefault(r["method"], []).append(r)
+    return {m: [rs[i] for i in pareto_front([(r[x], r[y]) for r in rs])] for m, rs in by.items()}
+
+
+def dominators(row: dict, rows: list[dict], x: str = "unlearn_quality", y: str = "utility") -> list[dict]:
+    """Rows of other methods at least as good as `row` on both axes and better on one (means)."""
+    return [r for r in rows if r["method"] not in ("base", row["method"]) and r.get(x) is not None and r.get(y) is not None
+            and r[x] >= row[x] and r[y] >= row[y] and (r[x] > row[x] or r[y] > row[y])]
+
+
+def front_report(rows: list[dict], focus: str = "pmc") -> str:
+    out = ["| method | front in (UQ, U): setting -> UQ / U (seeds) |", "|---|---|"]
+    fr = fronts(rows)
+    for m in sorted(fr):
+        pts = "; ".join(f"{short(r['label'])} -> {r['unlearn_quality']:.1f} / {r['utility']:.1f} ({r['n_seeds']})" for r in fr[m])
+        out.append(f"| {m} | {pts} |")
+    out += ["", f"| {focus} front point | UQ / U | dominated by (UQ / U, seeds) |", "|---|---|---|"]
+    for r in fr.get(focus, []):
+        dom = dominators(r, rows)
+        cell = "; ".join(f"{short(d['label'])} ({d['unlearn_quality']:.1f} / {d['utility']:.1f}, {d['n_seeds']})"
+                         for d in sorted(dom, key=lambda d: -d["utility"])) or "none"
+        out.append(f"| {short(r['label'])} | {r['unlearn_quality']:.1f} / {r['utility']:.1f} | {cell} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweeps", nargs="+", required=True, help="sweep folders")
     ap.add_argument("--start", action="append", default=[], help="NAME=EVAL_FOLDER of a starting model (repeatable)")
     ap.add_argument("--output", required=True, help="output stem: STEM.png, STEM.svg, STEM.md")
+    ap.add_argument("--focus", default="pmc", help="the method whose front points are checked for dominance")
     args = ap.parse_args()
     rows = [start_row(*s.split("=", 1)[:1], Path(s.split("=", 1)[1])) for s in args.start]
     rows += combine([p for sw in args.sweeps for p in read_points(Path(sw))])
     stem = Path(args.output)
     save_pareto(rows, stem, suptitle="fronts: means over seeds (t-interval bars) or one run (bootstrap bars)")
-    stem.with_suffix(".md").write_text(table(rows))
-    print(table(rows))
+    text = table(rows) + "\n" + front_report(rows, args.focus)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

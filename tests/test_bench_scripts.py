@@ -45,3 +45,29 @@ def test_trainer_variants_run_one_epoch(pmc_step, variant, tmp_path):
     assert r["phases"]["sampling (incl. references)"] > 0  # the timed sampler was the one PMC used
     assert {"load_model", "train"} <= set(r["phases"])
     assert 0 <= r["unresolved"] <= 2
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fronts_and_dominators_hand_worked():
+    fr = _load("fronts")
+
+    def row(method, label, uq, u):
+        return {"method": method, "label": f"sweep: {label}", "unlearn_quality": uq, "utility": u, "n_seeds": 1}
+
+    rows = [row("base", "start", 44, 57),
+            row("pmc", "a", 76, 51), row("pmc", "b", 82, 43), row("pmc", "c", 80, 42),  # c: dominated by b (same method)
+            row("npo", "x", 87, 45), row("npo", "y", 97, 36), row("gd", "z", 76, 51)]
+    f = fr.fronts(rows)
+    assert [r["label"] for r in f["pmc"]] == ["sweep: a", "sweep: b"]  # sorted by UQ; c is off the front
+    assert [r["label"] for r in f["npo"]] == ["sweep: x", "sweep: y"] and "base" not in f
+    # b (82, 43) is dominated by npo x (87, 45); a (76, 51) only ties gd z, which is not domination
+    assert [d["label"] for d in fr.dominators(f["pmc"][1], rows)] == ["sweep: x"]
+    assert fr.dominators(f["pmc"][0], rows) == []
+    text = fr.front_report(rows)
+    assert "| b | 82.0 / 43.0 | x (87.0 / 45.0, 1) |" in text and "| a | 76.0 / 51.0 | none |" in text
