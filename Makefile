@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the 15 slowest tests listed at the end: the suite must stay near 10 minutes
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
