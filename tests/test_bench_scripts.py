@@ -14,16 +14,21 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.fixture(scope="module")
-def pmc_step():
+def _load(name: str):
+    """bench/NAME.py as a module (bench/ on sys.path while it loads: the scripts import `_common`)."""
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("bench_pmc_step", BENCH / "pmc_step.py")
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
-        yield mod
+        return mod
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def pmc_step():
+    return _load("pmc_step")
 
 
 def _spec(variant: str) -> dict:
@@ -45,13 +50,6 @@ def test_trainer_variants_run_one_epoch(pmc_step, variant, tmp_path):
     assert r["phases"]["sampling (incl. references)"] >= 0  # timed (rounded to 0.1 s: a tiny run may show 0.0)
     assert {"load_model", "train"} <= set(r["phases"])
     assert 0 <= r["unresolved"] <= 2
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_fronts_and_dominators_hand_worked():
